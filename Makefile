@@ -1,0 +1,41 @@
+# Every target sets up what it needs on a fresh Debian machine: PostgreSQL 15 with pg_cron, a virtualenv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PG_LIB := /usr/lib/postgresql/15/lib
+
+.PHONY: test demo bench lint system venv clean
+
+test: system venv
+	$(BIN)/python -m pytest
+
+demo: system venv
+	$(BIN)/pgqr demo
+
+bench: system venv
+	$(BIN)/python -m tests.bench
+
+lint: venv
+	$(BIN)/ruff check pgqr tests
+	$(BIN)/mypy pgqr
+
+# PostgreSQL 15 + pg_cron 1.4 from Debian (the unprivileged `postgres` account comes with it).
+system:
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -f $(PG_LIB)/pg_cron.so ] \
+	    || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
+	  echo "installing postgresql-15 postgresql-15-cron python3-venv"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    postgresql-15 postgresql-15-cron python3-venv >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,320 @@
+"""Load sql/, check it with pglast, apply it under an advisory lock, schedule pgqr's pg_cron jobs, verify.
+
+Each numbered file runs in its own transaction and records its version (with a checksum of the file) in
+that same transaction, so a crash never leaves half a migration. Every file is parsed before the database
+is touched: a syntax error anywhere means nothing is applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pglast
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+# One lock for every pgqr migrate against this database, whichever process runs it.
+LOCK_KEY = 0x70677172  # "pgqr"
+FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+class MigrationError(RuntimeError):
+    """A problem a user must fix; str() is one line meant for them."""
+
+
+class ConfigurationError(MigrationError):
+    """The server is not configured for pgqr (e.g. pg_cron missing): exit status 2."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    text: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def statements(self) -> list[tuple[int, str]]:
+        """(line number, statement) pairs, in order."""
+        out = []
+        for piece in pglast.split(self.text, with_parser=True, only_slices=True):
+            out.append((self.text.count("\n", 0, piece.start) + 1, self.text[piece]))
+        return out
+
+
+def sql_dir() -> Path:
+    """The migrations: shipped inside the wheel as pgqr/sql, or the repository's top-level sql/."""
+    packaged = resources.files("pgqr") / "sql"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+def load(directory: Path | None = None) -> list[Migration]:
+    """Read and parse every migration; raise MigrationError as `file:line:column: message` on bad SQL."""
+    directory = directory or sql_dir()
+    migrations = []
+    for path in sorted(directory.glob("*.sql")):
+        match = FILE_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path}: migration file names look like 0001_name.sql")
+        text = path.read_text()
+        check_syntax(path, text)
+        migrations.append(Migration(int(match.group(1)), path.name, text))
+    versions = [m.version for m in migrations]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"{directory}: two migration files share a version number")
+    return migrations
+
+
+def check_syntax(path: Path, text: str) -> None:
+    try:
+        pglast.parse_sql(text)
+    except pglast.parser.ParseError as exc:
+        message, offset = exc.args[0], exc.args[1]
+        line = text.count("\n", 0, offset) + 1
+        column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+        raise MigrationError(f"{path}:{line}:{column}: {message}") from None
+
+
+@dataclass(frozen=True)
+class CronSetup:
+    """Where pg_cron lives relative to the application database."""
+
+    app_database: str
+    cron_database: str
+
+    @property
+    def same_database(self) -> bool:
+        return self.app_database == self.cron_database
+
+    def jobname(self, name: str) -> str:
+        # pg_cron job names are unique per user in its one database; several application databases on
+        # one server would overwrite each other's jobs, so jobs for another database carry its name.
+        return name if self.same_database else f"{name}@{self.app_database}"
+
+
+def cron_setup(conn: psycopg.Connection[tuple[object, ...]]) -> CronSetup:
+    """Check pg_cron is usable; raise ConfigurationError with what to set otherwise. Changes nothing."""
+    preload = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
+    libraries = [x.strip().strip('"') for x in str(preload[0] if preload else "").split(",")]
+    app_db = str(conn.info.dbname)
+    if "pg_cron" not in libraries:
+        raise ConfigurationError(
+            "pg_cron is not loaded: set shared_preload_libraries = 'pg_cron' and "
+            f"cron.database_name = '{app_db}' in postgresql.conf, then restart PostgreSQL "
+            "(Debian: apt-get install postgresql-15-cron)"
+        )
+    row = conn.execute("SELECT current_setting('cron.database_name', true)").fetchone()
+    cron_db = str(row[0]) if row and row[0] else "postgres"
+    return CronSetup(app_database=app_db, cron_database=cron_db)
+
+
+def cron_conninfo(dsn: str, setup: CronSetup) -> str:
+    """Same server and credentials, pg_cron's database."""
+    return make_conninfo(dsn, dbname=setup.cron_database)
+
+
+@dataclass
+class Plan:
+    applied: dict[int, str]  # version -> checksum
+    pending: list[Migration]
+
+
+def _applied(conn: psycopg.Connection[tuple[object, ...]]) -> dict[int, str]:
+    exists = conn.execute("SELECT to_regclass('pgqr.migrations') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return {}
+    rows = conn.execute("SELECT version, checksum FROM pgqr.migrations").fetchall()
+    return {int(str(v)): str(c) for v, c in rows}
+
+
+def plan(conn: psycopg.Connection[tuple[object, ...]], migrations: list[Migration]) -> Plan:
+    applied = _applied(conn)
+    known = max((m.version for m in migrations), default=0)
+    newest = max(applied, default=0)
+    if newest > known:
+        raise MigrationError(
+            f"the database's pgqr schema is at version {newest}, newer than this pgqr (knows up to "
+            f"{known}): upgrade pgqr"
+        )
+    return Plan(applied, [m for m in migrations if m.version not in applied])
+
+
+BOOTSTRAP = """
+CREATE SCHEMA IF NOT EXISTS pgqr;
+CREATE TABLE IF NOT EXISTS pgqr.migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+def _apply(conn: psycopg.Connection[tuple[object, ...]], migration: Migration) -> None:
+    with conn.transaction():
+        for line, statement in migration.statements():
+            try:
+                conn.execute(statement.encode())
+            except psycopg.Error as exc:
+                message = (exc.diag.message_primary or str(exc)).splitlines()[0]
+                raise MigrationError(f"{migration.name}:{line}: {message}") from None
+        conn.execute(
+            "INSERT INTO pgqr.migrations (version, name, checksum) VALUES (%s, %s, %s)",
+            (migration.version, migration.name, migration.checksum),
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    schedule: str
+    command: str
+    active: bool
+
+
+def wanted_jobs(conn: psycopg.Connection[tuple[object, ...]]) -> list[Job]:
+    rows = conn.execute("SELECT name, schedule, command, active FROM pgqr.jobs ORDER BY name").fetchall()
+    return [Job(str(n), str(s), str(c), bool(a)) for n, s, c, a in rows]
+
+
+def schedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> None:
+    """Create or update pgqr's jobs in pg_cron (cron.schedule_in_database upserts by name)."""
+    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
+        cron.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+        for job in jobs:
+            cron.execute(
+                "SELECT cron.schedule_in_database(%s, %s, %s, %s, NULL, %s)",
+                (setup.jobname(job.name), job.schedule, job.command, setup.app_database, job.active),
+            )
+
+
+def unschedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> int:
+    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
+        removed = 0
+        for job in jobs:
+            row = cron.execute(
+                "SELECT cron.unschedule(jobid) FROM cron.job WHERE jobname = %s AND database = %s",
+                (setup.jobname(job.name), setup.app_database),
+            ).fetchone()
+            removed += 1 if row else 0
+        return removed
+
+
+def _lock(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+
+
+def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: bool = False) -> list[str]:
+    """Apply pending migrations and (re)schedule pgqr's jobs. Returns what was (or would be) done."""
+    migrations = load() if migrations is None else migrations
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        setup = cron_setup(conn)
+        if dry_run:
+            pending = plan(conn, migrations).pending
+            out = [f"-- {m.name}\n{m.text}" for m in pending]
+            out.append(f"-- then in database {setup.cron_database}: cron.schedule_in_database() for each row of "
+                       f"pgqr.jobs, to run in {setup.app_database}")
+            return out
+        _lock(conn)
+        try:
+            conn.execute(BOOTSTRAP.encode())
+            done = []
+            for migration in plan(conn, migrations).pending:
+                _apply(conn, migration)
+                done.append(f"applied {migration.name}")
+            schedule_jobs(dsn, setup, wanted_jobs(conn))
+            return done
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def verify(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
+    """Every problem that makes this database not match the code; empty when all is well."""
+    migrations = load() if migrations is None else migrations
+    problems: list[str] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        setup = cron_setup(conn)
+        current = plan(conn, migrations)
+        problems += [f"pending: {m.name}" for m in current.pending]
+        for m in migrations:
+            checksum = current.applied.get(m.version)
+            if checksum is not None and checksum != m.checksum:
+                problems.append(f"changed since applied: {m.name}")
+        for kind, name in expected_objects(migrations):
+            if not _exists(conn, kind, name):
+                problems.append(f"missing {kind}: {name}")
+        if not current.pending:
+            problems += _missing_jobs(dsn, setup, wanted_jobs(conn))
+    return problems
+
+
+def _missing_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> list[str]:
+    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
+        has_cron = cron.execute("SELECT to_regclass('cron.job') IS NOT NULL").fetchone()
+        if not has_cron or not has_cron[0]:
+            return [f"missing extension: pg_cron in database {setup.cron_database}"]
+        problems = []
+        for job in jobs:
+            row = cron.execute(
+                "SELECT 1 FROM cron.job WHERE jobname = %s AND database = %s",
+                (setup.jobname(job.name), setup.app_database),
+            ).fetchone()
+            if not row:
+                problems.append(f"missing cron job: {setup.jobname(job.name)}")
+        return problems
+
+
+def expected_objects(migrations: list[Migration]) -> list[tuple[str, str]]:
+    """(kind, qualified name) of every table, view, function and trigger the migrations create."""
+    found: list[tuple[str, str]] = []
+    for m in migrations:
+        for raw in pglast.parse_sql(m.text):
+            stmt = raw.stmt
+            kind = type(stmt).__name__
+            if kind == "CreateStmt":
+                found.append(("table", _qualified(stmt.relation)))
+            elif kind == "ViewStmt":
+                found.append(("view", _qualified(stmt.view)))
+            elif kind == "CreateFunctionStmt":
+                found.append(("function", ".".join(n.sval for n in stmt.funcname)))
+            elif kind == "CreateTrigStmt":
+                found.append(("trigger", f"{_qualified(stmt.relation)}.{stmt.trigname}"))
+    return found
+
+
+def _qualified(range_var: object) -> str:
+    schema = getattr(range_var, "schemaname", None) or "public"
+    return f"{schema}.{getattr(range_var, 'relname')}"
+
+
+def _exists(conn: psycopg.Connection[tuple[object, ...]], kind: str, name: str) -> bool:
+    if kind in ("table", "view"):
+        query = sql.SQL("SELECT to_regclass(%s) IS NOT NULL")
+        row = conn.execute(query, (name,)).fetchone()
+    elif kind == "function":
+        schema, func = name.split(".", 1)
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = %s AND p.proname = %s)",
+            (schema, func),
+        ).fetchone()
+    else:
+        table, trigger = name.rsplit(".", 1)
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = %s)",
+            (table, trigger),
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def database_name(dsn: str) -> str:
+    return conninfo_to_dict(dsn).get("dbname") or ""

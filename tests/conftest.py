@@ -1,0 +1,95 @@
+"""Shared fixtures: one real PostgreSQL 15 with pg_cron for the session, a fresh database per test.
+
+The server comes from pgqr.devdb (root-safe: as root it runs as the `postgres` account); databases come
+from pytest-postgresql's DatabaseJanitor. pg_cron lives in the `postgres` database, so every test database
+is an "application database elsewhere" and pgqr schedules its jobs with cron.schedule_in_database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from pgqr import devdb, migrations
+
+pytest_plugins = ["sim_fixtures"]
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[devdb.DevServer]:
+    with devdb.running(cron_database="postgres") as server:
+        yield server
+
+
+@dataclass
+class Database:
+    """A fresh database on the session server."""
+
+    server: devdb.DevServer
+    name: str
+
+    @property
+    def dsn(self) -> str:
+        return self.server.dsn(self.name)
+
+    def connect(self) -> psycopg.Connection[dict[str, object]]:
+        return psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row)
+
+    def query(self, sql: str, params: object = None) -> list[dict[str, object]]:
+        with self.connect() as conn:
+            cur = conn.execute(sql.encode(), params)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+    def value(self, sql: str, params: object = None) -> object:
+        rows = self.query(sql, params)
+        return next(iter(rows[0].values())) if rows else None
+
+
+def _new_database(server: devdb.DevServer) -> Iterator[Database]:
+    name = f"pgqr_t{os.getpid()}_{next(_counter)}"
+    janitor = DatabaseJanitor(
+        user=server.user, host=server.host, port=server.port, dbname=name, password=None
+    )
+    with janitor:
+        yield Database(server, name)
+        # drop the pg_cron jobs that point at this database, or pg_cron keeps trying to run them
+        with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+            conn.execute("DELETE FROM cron.job WHERE database = %s", (name,))
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+
+
+@pytest.fixture
+def db(pg_server: devdb.DevServer) -> Iterator[Database]:
+    """An empty database."""
+    yield from _new_database(pg_server)
+
+
+@pytest.fixture
+def migrated(db: Database) -> Database:
+    """A database with pgqr installed."""
+    migrations.migrate(db.dsn)
+    return db
+
+
+def run_pgqr(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the real `pgqr` command line in a subprocess, without standard input."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PGQR_", "EVOLUTION_", "DATABASE_URL"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "pgqr", *args],
+        env=full_env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )

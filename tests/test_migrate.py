@@ -1,0 +1,191 @@
+"""`pgqr migrate`: pglast-checked, transactional, locked, idempotent migrations and pgqr's pg_cron jobs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import Database, run_pgqr
+from pgqr import devdb, migrations
+
+VERSIONS = [m.version for m in migrations.load()]
+
+
+def test_migrate_twice_applies_once_then_is_a_no_op(db: Database) -> None:
+    first = run_pgqr("migrate", env={"DATABASE_URL": db.dsn})
+    assert first.returncode == 0, first.stderr
+    assert [line for line in first.stdout.splitlines() if line.startswith("applied")] == [
+        f"applied {m.name}" for m in migrations.load()
+    ]
+    second = run_pgqr("migrate", env={"DATABASE_URL": db.dsn})
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "nothing to migrate"
+    assert [r["version"] for r in db.query("SELECT version FROM pgqr.migrations ORDER BY 1")] == VERSIONS
+
+
+def test_tick_job_is_scheduled_in_pg_crons_database_for_this_one(migrated: Database) -> None:
+    with psycopg.connect(migrated.server.dsn("postgres")) as cron:
+        rows = cron.execute(
+            "SELECT jobname, schedule, command, active FROM cron.job WHERE database = %s", (migrated.name,)
+        ).fetchall()
+    assert ("pgqr-tick@" + migrated.name, "* * * * *", "SELECT pgqr.tick()", True) in rows
+    # no secret can hide in a command that is all pgqr's own SQL
+    assert all(command.startswith("SELECT pgqr.") for _, _, command, _ in rows)
+
+
+def test_two_concurrent_migrate_processes_both_succeed_and_apply_each_version_once(db: Database) -> None:
+    env = {"DATABASE_URL": db.dsn}
+    cmd = [sys.executable, "-m", "pgqr", "migrate"]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    applied_lines = sum(out.count("applied ") for out, _ in outputs)
+    assert applied_lines == len(VERSIONS)
+    assert [r["version"] for r in db.query("SELECT version FROM pgqr.migrations ORDER BY 1")] == VERSIONS
+
+
+def test_a_syntax_error_is_reported_as_file_line_column_and_nothing_is_applied(
+    db: Database, tmp_path: Path
+) -> None:
+    for path in migrations.sql_dir().glob("*.sql"):
+        shutil.copy(path, tmp_path)
+    (tmp_path / "0099_broken.sql").write_text("-- a broken migration\nCREATE TABLE pgqr.ok (id int);\nSELEC 1;\n")
+    with pytest.raises(migrations.MigrationError) as err:
+        migrations.migrate(db.dsn, migrations.load(tmp_path))
+    assert str(err.value) == f'{tmp_path / "0099_broken.sql"}:3:1: syntax error at or near "SELEC"'
+    assert db.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqr'") == 0
+    assert db.value("SELECT to_regclass('public.evolution_instances')") is None
+
+
+def test_a_failing_migration_rolls_back_whole_and_earlier_ones_stay(db: Database, tmp_path: Path) -> None:
+    for path in migrations.sql_dir().glob("*.sql"):
+        shutil.copy(path, tmp_path)
+    (tmp_path / "0099_fails.sql").write_text("CREATE TABLE pgqr.half (id int);\nSELECT 1 / 0;\n")
+    with pytest.raises(migrations.MigrationError, match=r"^0099_fails.sql:2: division by zero$"):
+        migrations.migrate(db.dsn, migrations.load(tmp_path))
+    assert db.value("SELECT to_regclass('pgqr.half')") is None
+    assert [r["version"] for r in db.query("SELECT version FROM pgqr.migrations ORDER BY 1")] == VERSIONS
+
+
+def test_an_existing_app_table_keeps_its_rows_and_gains_only_missing_columns(db: Database) -> None:
+    db.query("""
+        CREATE TABLE public.evolution_instances (
+            id bigserial PRIMARY KEY,
+            user_id uuid,
+            instance_name text NOT NULL CONSTRAINT app_unique_name UNIQUE,
+            instance_token text,
+            instance_status text,
+            qr_code text,
+            last_qr_update timestamptz,
+            plan text DEFAULT 'pro'
+        );
+        INSERT INTO public.evolution_instances (user_id, instance_name, instance_token, instance_status, qr_code)
+        SELECT gen_random_uuid(), 'shop-' || g, 'tok-' || g, CASE WHEN g % 2 = 0 THEN 'connected' ELSE 'connecting' END,
+               'data:image/png;base64,AAAA' || g
+        FROM generate_series(1, 25) g;
+    """)
+    before = db.query("SELECT * FROM public.evolution_instances ORDER BY id")
+    migrations.migrate(db.dsn)
+    after = db.query(
+        "SELECT id, user_id, instance_name, instance_token, instance_status, qr_code, last_qr_update, plan "
+        "FROM public.evolution_instances ORDER BY id"
+    )
+    assert after == before
+    columns = {r["column_name"] for r in db.query(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'evolution_instances'")}
+    assert {"pairing_code", "evolution_url", "plan"} <= columns
+    # the app's own unique constraint serves pgqr; no second index was added
+    assert db.value("SELECT count(*) FROM pg_index WHERE indrelid = 'public.evolution_instances'::regclass "
+                    "AND indisunique AND NOT indisprimary") == 1
+    assert db.value("SELECT count(*) FROM pgqr.instance_state") == 25
+
+
+def test_pg_cron_absent_gives_one_clear_line_and_leaves_the_database_unchanged() -> None:
+    with devdb.running(cron_database=None) as server:
+        result = run_pgqr("migrate", env={"DATABASE_URL": server.dsn("postgres")})
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1
+        assert "pg_cron is not loaded" in result.stderr and "shared_preload_libraries" in result.stderr
+        with psycopg.connect(server.dsn("postgres")) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqr'").fetchone() == (0,)
+            assert conn.execute("SELECT to_regclass('public.evolution_instances')").fetchone() == (None,)
+
+
+def test_verify_fails_while_pending_and_passes_after_migrate(db: Database) -> None:
+    before = run_pgqr("migrate", "--verify", env={"DATABASE_URL": db.dsn})
+    assert before.returncode == 1
+    assert "pending: 0001_instances.sql" in before.stdout
+    assert db.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqr'") == 0  # verify changes nothing
+    run_pgqr("migrate", env={"DATABASE_URL": db.dsn})
+    after = run_pgqr("migrate", "--verify", env={"DATABASE_URL": db.dsn})
+    assert after.returncode == 0, after.stdout
+    assert after.stdout.strip() == "pgqr schema is up to date"
+
+
+def test_verify_reports_a_missing_object_a_changed_file_and_a_missing_cron_job(migrated: Database) -> None:
+    migrated.query("DROP FUNCTION pgqr.tick()")
+    migrated.query("UPDATE pgqr.migrations SET checksum = 'edited' WHERE version = 2")
+    with psycopg.connect(migrated.server.dsn("postgres"), autocommit=True) as cron:
+        cron.execute("DELETE FROM cron.job WHERE database = %s", (migrated.name,))
+    result = run_pgqr("migrate", "--verify", env={"DATABASE_URL": migrated.dsn})
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert "missing function: pgqr.tick" in lines
+    assert "changed since applied: 0002_pgqr_schema.sql" in lines
+    assert f"missing cron job: pgqr-tick@{migrated.name}" in lines
+
+
+def test_a_database_newer_than_the_code_is_refused(migrated: Database) -> None:
+    migrated.query("INSERT INTO pgqr.migrations (version, name, checksum) VALUES (9999, '9999_future.sql', 'x')")
+    result = run_pgqr("migrate", env={"DATABASE_URL": migrated.dsn})
+    assert result.returncode == 1
+    assert "version 9999, newer than this pgqr" in result.stderr
+
+
+def test_dry_run_prints_the_sql_and_changes_nothing(db: Database) -> None:
+    result = run_pgqr("migrate", "--dry-run", env={"DATABASE_URL": db.dsn})
+    assert result.returncode == 0, result.stderr
+    assert "-- 0001_instances.sql" in result.stdout and "CREATE TABLE IF NOT EXISTS public.evolution_instances" in result.stdout
+    assert db.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqr'") == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "pgqr: DATABASE_URL is not set"),
+        ({"DATABASE_URL": "host=localhost port"}, "pgqr: DATABASE_URL is not a valid libpq URL or DSN"),
+    ],
+)
+def test_missing_or_invalid_database_url_is_one_line_and_exit_2(env: dict[str, str], message: str) -> None:
+    result = run_pgqr("migrate", env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_the_wheel_ships_the_migrations_and_migrates_without_the_repository(db: Database, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        check=True, capture_output=True,
+    )
+    wheel = next(tmp_path.glob("pgqr-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f"pgqr/sql/{m.name}" for m in migrations.load()} <= set(names)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    result = subprocess.run(
+        [sys.executable, "-m", "pgqr", "migrate"], cwd=tmp_path, env={"DATABASE_URL": db.dsn, "PYTHONPATH": str(site)},
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert db.value("SELECT count(*) FROM pgqr.migrations") == len(VERSIONS)
