@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pglast
 import psycopg
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 # One lock for every pgqr migrate against this database, whichever process runs it.
 LOCK_KEY = 0x70677172  # "pgqr"
@@ -179,21 +178,30 @@ class Job:
     schedule: str
     command: str
     active: bool
+    target: str  # 'app': runs in the application database; 'cron': in pg_cron's own
+
+    def database(self, setup: CronSetup) -> str:
+        return setup.cron_database if self.target == "cron" else setup.app_database
 
 
 def wanted_jobs(conn: psycopg.Connection[tuple[object, ...]]) -> list[Job]:
-    rows = conn.execute("SELECT name, schedule, command, active FROM pgqr.jobs ORDER BY name").fetchall()
-    return [Job(str(n), str(s), str(c), bool(a)) for n, s, c, a in rows]
+    rows = conn.execute("SELECT name, schedule, command, active, target FROM pgqr.jobs ORDER BY name").fetchall()
+    return [Job(str(n), str(s), str(c), bool(a), str(t)) for n, s, c, a, t in rows]
+
+
+def ensure_extension(dsn: str, setup: CronSetup) -> None:
+    """pg_cron's extension in its database, before the migrations (views may read cron.* there)."""
+    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
+        cron.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
 
 
 def schedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> None:
     """Create or update pgqr's jobs in pg_cron (cron.schedule_in_database upserts by name)."""
     with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
-        cron.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
         for job in jobs:
             cron.execute(
                 "SELECT cron.schedule_in_database(%s, %s, %s, %s, NULL, %s)",
-                (setup.jobname(job.name), job.schedule, job.command, setup.app_database, job.active),
+                (setup.jobname(job.name), job.schedule, job.command, job.database(setup), job.active),
             )
 
 
@@ -203,7 +211,7 @@ def unschedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> int:
         for job in jobs:
             row = cron.execute(
                 "SELECT cron.unschedule(jobid) FROM cron.job WHERE jobname = %s AND database = %s",
-                (setup.jobname(job.name), setup.app_database),
+                (setup.jobname(job.name), job.database(setup)),
             ).fetchone()
             removed += 1 if row else 0
         return removed
@@ -226,6 +234,7 @@ def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: boo
             return out
         _lock(conn)
         try:
+            ensure_extension(dsn, setup)
             conn.execute(BOOTSTRAP.encode())
             done = []
             for migration in plan(conn, migrations).pending:
@@ -266,7 +275,7 @@ def _missing_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> list[str]:
         for job in jobs:
             row = cron.execute(
                 "SELECT 1 FROM cron.job WHERE jobname = %s AND database = %s",
-                (setup.jobname(job.name), setup.app_database),
+                (setup.jobname(job.name), job.database(setup)),
             ).fetchone()
             if not row:
                 problems.append(f"missing cron job: {setup.jobname(job.name)}")
@@ -298,8 +307,7 @@ def _qualified(range_var: object) -> str:
 
 def _exists(conn: psycopg.Connection[tuple[object, ...]], kind: str, name: str) -> bool:
     if kind in ("table", "view"):
-        query = sql.SQL("SELECT to_regclass(%s) IS NOT NULL")
-        row = conn.execute(query, (name,)).fetchone()
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
     elif kind == "function":
         schema, func = name.split(".", 1)
         row = conn.execute(
@@ -315,6 +323,3 @@ def _exists(conn: psycopg.Connection[tuple[object, ...]], kind: str, name: str) 
         ).fetchone()
     return bool(row and row[0])
 
-
-def database_name(dsn: str) -> str:
-    return conninfo_to_dict(dsn).get("dbname") or ""

@@ -70,12 +70,14 @@ CREATE TABLE pgqr.listener_heartbeats (
 );
 
 -- The pg_cron jobs pgqr wants. `pgqr migrate` schedules each in pg_cron's database
--- (cron.database_name) to run in this one; `pgqr schedule/pause/resume` change them here first.
+-- (cron.database_name) to run in this one (target 'app') or in pg_cron's own (target 'cron', for work on
+-- cron.* tables that another database cannot see); `pgqr schedule/pause/resume` change them here first.
 CREATE TABLE pgqr.jobs (
     name        text PRIMARY KEY,
     schedule    text NOT NULL,
     command     text NOT NULL,
     active      boolean NOT NULL DEFAULT true,
+    target      text NOT NULL DEFAULT 'app' CHECK (target IN ('app', 'cron')),
     description text NOT NULL
 );
 
