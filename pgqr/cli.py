@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 import psycopg
 
-from . import config, migrations
+from . import config, logs, migrations
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -35,6 +38,85 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_flags(p: argparse.ArgumentParser) -> None:
+    _db_flag(p)
+    p.add_argument("--evolution-api-url", help="Evolution API base URL (default: $EVOLUTION_API_URL)")
+    p.add_argument("--concurrency", help="most Evolution calls in flight (default: $PGQR_CONCURRENCY or 16)")
+    p.add_argument("--http-timeout", help="seconds per Evolution call (default: $PGQR_HTTP_TIMEOUT or 8)")
+    p.add_argument("--log-format", choices=["auto", "json", "text"], default="auto")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
+
+
+async def _check_installed(dsn: str) -> None:
+    """Fail fast on a database without pgqr; an unreachable one is retried by the service itself."""
+    try:
+        async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=10) as conn:
+            cur = await conn.execute("SELECT to_regclass('pgqr.migrations') IS NOT NULL")
+            row = await cur.fetchone()
+    except psycopg.OperationalError:
+        return
+    if not row or not row[0]:
+        raise config.ConfigError("pgqr is not installed in this database: run `pgqr migrate` first")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .listener import Service
+
+    settings = config.load(args)
+    logs.setup(args.log_format, args.log_level)
+
+    async def main() -> int:
+        await _check_installed(settings.database_url)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Service(settings).run(stop)
+        return 0
+
+    return asyncio.run(main())
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from .evolution import EvolutionClient
+    from .reconcile import Reconciler, owner_id
+
+    if not args.once:
+        raise config.ConfigError("pgqr refresh needs --once (the long-lived listener is `pgqr run`)")
+    settings = config.load(args)
+    logs.setup(args.log_format, "WARNING" if args.json else args.log_level)
+
+    async def main() -> int:
+        await _check_installed(settings.database_url)
+        client = EvolutionClient(timeout=settings.http_timeout, concurrency=settings.concurrency,
+                                 max_reply_bytes=settings.max_reply_bytes)
+        async with client, await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as conn:
+            summary = await Reconciler(settings, client, owner_id()).run(conn)
+        if args.json:
+            print(json.dumps(summary.as_json(), indent=2))
+        else:
+            for r in summary.results:
+                what = r.outcome if r.success else f"{r.error_class}: {r.detail}"
+                print(f"{r.instance_name}\t{'ok' if r.success else 'FAILED'}\t{what}")
+            print(f"{len(summary.results)} instances, {len(summary.results) - summary.failed} refreshed, "
+                  f"{summary.failed} failed")
+        return 1 if summary.failed else 0
+
+    return asyncio.run(main())
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from . import simulator
+
+    return asyncio.run(simulator.serve_forever(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgqr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -45,6 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--dry-run", action="store_true", help="print the SQL that would run; change nothing")
     mode.add_argument("--verify", action="store_true", help="exit 1 unless the database matches the code")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("run", help="the long-lived listener: refresh QR codes on every tick and webhook")
+    _service_flags(p)
+    p.add_argument("--grace-seconds", help="shutdown grace for in-flight calls (default: $PGQR_GRACE_SECONDS or 10)")
+    p.add_argument("--http-host", help="address for health, metrics and webhooks (default: 127.0.0.1)")
+    p.add_argument("--http-port", help="port for health, metrics and webhooks (default: $PGQR_HTTP_PORT; off)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("refresh", help="one reconcile, then exit (status 1 when any instance failed)")
+    _service_flags(p)
+    p.add_argument("--once", action="store_true", help="required: run one reconcile")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_refresh)
+
+    from . import simulator
+
+    p = sub.add_parser("simulate", help="an Evolution API simulator on loopback")
+    simulator.add_arguments(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="throwaway PostgreSQL + pg_cron + simulator + listener, with a live table")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
+    p.add_argument("--scan-after", type=float, default=20.0, help="seconds before one instance gets scanned")
+    p.set_defaults(func=cmd_demo)
 
     return parser
 

@@ -44,6 +44,9 @@ ErrorClass = Literal[
     "server_error",
     "timeout",
     "network",
+    # never returned by the client: the reconcile loop's own class for an instance it cannot call
+    # (no base URL or no key configured)
+    "config",
 ]
 
 

@@ -17,7 +17,9 @@ INSERT INTO pgqr.settings (key, value, description) VALUES
     ('permanent_backoff_seconds', '1800',
      'Delay after a failure that retrying soon will not fix (404, 401, error body, empty reply).'),
     ('claim_batch', '500',
-     'Most instances one reconcile claims at once.')
+     'Most instances one reconcile claims at once.'),
+    ('min_refresh_seconds', '20',
+     'An instance refreshed this recently is skipped by the next wake-up (QR codes rotate every ~45 s).')
 ON CONFLICT (key) DO NOTHING;
 
 -- Refresh bookkeeping, one row per instance (created by trigger; claim also fills gaps).

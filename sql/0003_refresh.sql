@@ -47,11 +47,12 @@ INSERT INTO pgqr.instance_state (instance_name)
 SELECT instance_name FROM public.evolution_instances
 ON CONFLICT (instance_name) DO NOTHING;
 
--- Claim up to max_rows due instances for `claim_owner`: connecting, not in backoff, lease free or expired.
--- Locks the bookkeeping rows (SKIP LOCKED), so a concurrent claimer re-checks the lease on the row we just
--- stamped and skips it. Run it in its own short transaction and commit before any HTTP call.
--- qr_md5 lets the caller skip sending an unchanged QR image back.
-CREATE FUNCTION pgqr.claim(claim_owner text, max_rows integer)
+-- Claim up to max_rows due instances for `claim_owner`: connecting, not in backoff, lease free or expired,
+-- and not attempted since `attempted_before` (one reconcile passes its start, so it never loops over rows it
+-- has just refreshed; see pgqr.refresh_horizon()). Locks the bookkeeping rows (SKIP LOCKED), so a concurrent
+-- claimer re-checks the lease on the row we just stamped and skips it. Run it in its own short transaction
+-- and commit before any HTTP call. qr_md5 lets the caller skip sending an unchanged QR image back.
+CREATE FUNCTION pgqr.claim(claim_owner text, max_rows integer, attempted_before timestamptz)
 RETURNS TABLE (instance_id text, instance_name text, user_id text, instance_token text,
                evolution_url text, qr_md5 text, claimed_at timestamptz)
 LANGUAGE sql AS $$
@@ -68,6 +69,7 @@ LANGUAGE sql AS $$
         WHERE i.instance_status = 'connecting'
           AND (s.next_attempt_at IS NULL OR s.next_attempt_at <= now())
           AND (s.lease_expires_at IS NULL OR s.lease_expires_at <= now())
+          AND (s.last_attempt_at IS NULL OR s.last_attempt_at < attempted_before)
         ORDER BY s.last_attempt_at NULLS FIRST, s.instance_name
         LIMIT max_rows
         FOR UPDATE OF s SKIP LOCKED
@@ -83,6 +85,13 @@ LANGUAGE sql AS $$
     SELECT i.id::text, i.instance_name, i.user_id::text, i.instance_token, i.evolution_url,
            md5(i.qr_code), now()
     FROM leased JOIN public.evolution_instances i ON i.instance_name = leased.instance_name
+$$;
+
+-- Where one reconcile starts: instances attempted after this are left alone. The short floor keeps a burst
+-- of wake-ups (new instances, webhooks) from re-polling everything every few seconds.
+CREATE FUNCTION pgqr.refresh_horizon() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT now() - make_interval(secs => pgqr.setting('min_refresh_seconds')::float8)
 $$;
 
 -- Delay before the next attempt after `failures` consecutive failures.
@@ -130,7 +139,8 @@ BEGIN
                FOR UPDATE;
             leased := FOUND;
         ELSE
-            leased := true;   -- webhooks hold no lease; the state guards below still apply
+            -- webhooks hold no lease; the state guards below still apply
+            leased := EXISTS (SELECT 1 FROM pgqr.instance_state s WHERE s.instance_name = r.instance_name);
         END IF;
 
         IF leased AND r.outcome = 'qr' THEN

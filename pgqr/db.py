@@ -1,0 +1,108 @@
+"""Every SQL statement the service runs. The logic behind them lives in sql/ (pgqr.claim, pgqr.record_results)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import class_row
+
+AsyncConn = psycopg.AsyncConnection[Any]
+
+Source = Literal["poll", "webhook"]
+OutcomeName = Literal["qr", "no_qr", "connected", "failed", "event"]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An instance leased to us for one refresh. The token is for the apikey header only."""
+
+    instance_id: str
+    instance_name: str
+    user_id: str | None
+    instance_token: str | None = field(repr=False)
+    evolution_url: str | None
+    qr_md5: str | None
+    claimed_at: datetime
+
+
+@dataclass(frozen=True)
+class Result:
+    """One refresh attempt or webhook event, as pgqr.record_results() takes it. Never holds a token."""
+
+    instance_name: str
+    source: Source
+    outcome: OutcomeName
+    qr: str | None = field(default=None, repr=False)  # the data URL; None when unchanged or absent
+    pairing_code: str | None = None
+    qr_count: int | None = None
+    http_status: int | None = None
+    latency_ms: float | None = None
+    error_class: str | None = None
+    transient: bool | None = None
+    claimed_at: datetime | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["claimed_at"] = self.claimed_at.isoformat() if self.claimed_at else None
+        return doc
+
+
+@dataclass(frozen=True)
+class Recorded:
+    instance_name: str
+    applied: bool
+    qr_updated: bool
+    status: str | None
+
+
+async def refresh_horizon(conn: AsyncConn) -> datetime:
+    cur = await conn.execute("SELECT pgqr.refresh_horizon()")
+    row = await cur.fetchone()
+    assert row is not None
+    horizon: datetime = row[0]
+    return horizon
+
+
+async def claim(conn: AsyncConn, owner: str, limit: int, attempted_before: datetime) -> list[Claimed]:
+    """Lease due instances in one short autocommit statement; HTTP happens after it has committed."""
+    async with conn.cursor(row_factory=class_row(Claimed)) as cur:
+        await cur.execute("SELECT * FROM pgqr.claim(%s, %s, %s)", (owner, limit, attempted_before))
+        return await cur.fetchall()
+
+
+async def record_results(conn: AsyncConn, owner: str, results: list[Result]) -> list[Recorded]:
+    """The one write path: all results in one round trip."""
+    if not results:
+        return []
+    payload = json.dumps([r.as_json() for r in results])
+    async with conn.cursor(row_factory=class_row(Recorded)) as cur:
+        await cur.execute("SELECT * FROM pgqr.record_results(%s, %s::jsonb)", (owner, payload))
+        return await cur.fetchall()
+
+
+async def claim_batch(conn: AsyncConn) -> int:
+    cur = await conn.execute("SELECT pgqr.setting('claim_batch')::integer")
+    row = await cur.fetchone()
+    return int(row[0]) if row and row[0] else 500
+
+
+async def heartbeat(conn: AsyncConn, owner: str, host: str, pid: int, version: str) -> None:
+    await conn.execute("SELECT pgqr.heartbeat(%s, %s, %s, %s)", (owner, host, pid, version))
+
+
+async def release_leases(conn: AsyncConn, owner: str) -> int:
+    cur = await conn.execute("SELECT pgqr.release_leases(%s)", (owner,))
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def listener_stopped(conn: AsyncConn, owner: str) -> None:
+    await conn.execute("SELECT pgqr.listener_stopped(%s)", (owner,))
+
+
+async def notify(conn: AsyncConn, channel: str, payload: str) -> None:
+    await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))

@@ -1,0 +1,124 @@
+"""`pgqr demo`: the whole flow on this machine, with nothing to set up and nothing left behind.
+
+A throwaway PostgreSQL with pg_cron, pgqr's migrations, the Evolution simulator, a few instances and the
+listener (with webhooks), and a live table as ticks and webhooks land. One instance gets "scanned".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import signal
+import sys
+import time
+
+import psycopg
+
+from . import devdb, logs, migrations
+from .config import Settings
+from .listener import Service
+from .simulator import SimConfig, Simulator
+
+# Three instances live on the simulator; the fourth exists only in the database, so Evolution answers 404.
+INSTANCES = ["acme-store", "bakery-hq", "clinic-front"]
+MISSING = "ghost-shop"
+QR_TTL = 20.0  # faster than Evolution's 45 s, so rotation shows within a minute
+
+TABLE_SQL = """
+SELECT e.instance_name, e.instance_status,
+       CASE WHEN e.instance_status = 'connecting'
+            THEN extract(epoch FROM now() - e.last_qr_update)::integer END AS qr_age,
+       s.last_outcome, s.last_error_class, s.qr_count, left(md5(e.qr_code), 8) AS qr
+FROM public.evolution_instances e
+LEFT JOIN pgqr.instance_state s ON s.instance_name = e.instance_name
+ORDER BY e.instance_name
+"""
+
+
+def main(args: argparse.Namespace) -> int:
+    logs.setup("text", "WARNING")
+    print("pgqr demo: starting a throwaway PostgreSQL 15 with pg_cron ...", flush=True)
+    with devdb.running(cron_database="postgres") as server:
+        dsn = server.dsn("postgres")
+        for line in migrations.migrate(dsn):
+            print(f"  {line}")
+        try:
+            return asyncio.run(_demo(dsn, args.duration, args.scan_after))
+        finally:
+            print("pgqr demo: stopped; the throwaway database is removed.", flush=True)
+
+
+async def _demo(dsn: str, duration: float | None, scan_after: float) -> int:
+    sim = Simulator(SimConfig(qr_ttl=QR_TTL, connect_sleep=0.5, first_qr_delay=0.3))
+    base_url = await sim.start()
+    tokens = {name: sim.add_instance(name) for name in INSTANCES}
+    secret = secrets.token_urlsafe(16)
+    service = Service(Settings(database_url=dsn, evolution_api_url=base_url, http_port=0, webhook_secret=secret))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = asyncio.create_task(service.run(stop))
+    try:
+        while service.http_port is None and not runner.done():
+            await asyncio.sleep(0.05)
+        # Evolution's global webhook: new QR codes reach pgqr within a second, not at the next tick
+        sim.config.global_webhook_url = f"http://127.0.0.1:{service.http_port}/webhooks/evolution/{secret}"
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            for name, token in [*tokens.items(), (MISSING, "no-such-token")]:
+                await conn.execute(
+                    "INSERT INTO public.evolution_instances (instance_name, instance_token, instance_status) "
+                    "VALUES (%s, %s, 'connecting')", (name, token),
+                )
+            print(f"pgqr demo: simulator at {base_url}; {len(INSTANCES) + 1} instances inserted as 'connecting'.")
+            await _show(conn, stop, duration, scan_after, sim)
+    finally:
+        stop.set()
+        await runner
+        await sim.stop()
+    return 0
+
+
+async def _show(conn: psycopg.AsyncConnection[tuple[object, ...]], stop: asyncio.Event,
+                duration: float | None, scan_after: float, sim: Simulator) -> None:
+    started = time.monotonic()
+    scanned = False
+    last: list[tuple[object, ...]] = []
+    tty = sys.stdout.isatty()
+    while not stop.is_set():
+        elapsed = time.monotonic() - started
+        if duration is not None and elapsed >= duration:
+            return
+        if not scanned and elapsed >= scan_after:
+            sim.scan(INSTANCES[0])
+            scanned = True
+            print(f"pgqr demo: {INSTANCES[0]} was scanned on the phone", flush=True)
+        cur = await conn.execute(TABLE_SQL)
+        rows = await cur.fetchall()
+        if tty:
+            print("\x1b[H\x1b[2J" + f"pgqr demo ({elapsed:.0f}s; Ctrl-C stops and removes everything)\n"
+                  + _render(rows), flush=True)
+        elif _without_ages(rows) != last:
+            # not a terminal (a log, a pipe): print the table only when something besides the ages changed
+            print(f"[{elapsed:.0f}s]\n{_render(rows)}", flush=True)
+        last = _without_ages(rows)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except TimeoutError:
+            pass
+
+
+def _render(rows: list[tuple[object, ...]]) -> str:
+    header = ("instance", "status", "QR age", "last outcome", "error", "QR #", "QR")
+    cells = [header] + [
+        (str(n), str(st), "-" if age is None else f"{age}s", str(o or "-"), str(e or "-"), str(c or "-"),
+         str(q or "-"))
+        for n, st, age, o, e, c, q in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells)
+
+
+def _without_ages(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
+    return [row[:2] + row[3:] for row in rows]

@@ -1,0 +1,138 @@
+"""The listener's HTTP side (aiohttp): liveness, readiness, Prometheus metrics, and Evolution's webhooks.
+
+Webhooks arrive at POST /webhooks/evolution/{secret}[/{event}] (the optional last segment is Evolution's
+"webhook by events" suffix). Evolution signs nothing (evolution-api.md section 4), so the secret in the path
+is the authentication; it is compared in constant time and redacted from the access log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from . import db
+
+if TYPE_CHECKING:
+    from .listener import Service
+
+log = logging.getLogger("pgqr.http")
+SERVICE: web.AppKey[Service] = web.AppKey("service")
+
+
+def result_from_webhook(body: Any) -> db.Result | None:
+    """Map an Evolution webhook envelope to the write path's record; None for events we do not use."""
+    if not isinstance(body, dict) or not isinstance(body.get("instance"), str):
+        return None
+    event = str(body.get("event", "")).lower().replace("_", ".")
+    raw_data = body.get("data")
+    data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
+    name = body["instance"]
+    if event == "qrcode.updated":
+        qrcode = data.get("qrcode")
+        if isinstance(qrcode, dict) and isinstance(qrcode.get("base64"), str) and qrcode["base64"]:
+            pairing = qrcode.get("pairingCode")
+            return db.Result(name, "webhook", "qr", qr=qrcode["base64"],
+                             pairing_code=pairing if isinstance(pairing, str) else None)
+        # "QR code limit reached, please login again": Evolution stopped rotating; the next poll restarts it
+        return db.Result(name, "webhook", "event", error_class="qr_limit")
+    if event == "connection.update":
+        state = data.get("state")
+        if state == "open":
+            return db.Result(name, "webhook", "connected")
+        if state in ("close", "refused"):
+            return db.Result(name, "webhook", "event", error_class=f"state_{state}")
+    return None
+
+
+async def webhook(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    secret = service.settings.webhook_secret
+    given = request.match_info["secret"]
+    if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
+        return web.json_response({"error": "not found"}, status=404)
+    try:
+        body = await request.json()
+    except ValueError:
+        return web.json_response({"error": "body is not JSON"}, status=400)
+    event = str(body.get("event", "")) if isinstance(body, dict) else ""
+    service.metrics.webhooks.labels(event or "unknown").inc()
+    result = result_from_webhook(body)
+    if result is None:
+        return web.json_response({"ignored": event})
+    recorded = await db.record_results(await service.work.get(), service.owner, [result])
+    applied = bool(recorded and recorded[0].applied)
+    log.info("webhook %s for %s", event, result.instance_name,
+             extra={"action": "webhook", "event": event, "instance": result.instance_name, "applied": applied})
+    return web.json_response({"recorded": applied, "qr_updated": bool(recorded and recorded[0].qr_updated)})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    problems = []
+    if not service.listening.is_set():
+        problems.append("not listening")
+    if service.last_reconcile_ok is False:
+        problems.append("last reconcile failed")
+    return web.json_response({"ready": not problems, "problems": problems}, status=503 if problems else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    service.metrics.listening.set(1 if service.listening.is_set() else 0)
+    return web.Response(body=service.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """Access log without the webhook secret (it is part of the path)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = request.path
+        if path.startswith("/webhooks/evolution/"):
+            parts = path.split("/")
+            parts[3] = "***"
+            path = "/".join(parts)
+        self.logger.info("%s %s %s", request.method, path, response.status,
+                         extra={"action": "http", "method": request.method, "path": path,
+                                "status": response.status, "ms": round(time * 1000, 1)})
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+def make_app(service: Service) -> web.Application:
+    app = web.Application(client_max_size=1024 * 1024)
+    app[SERVICE] = service
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/webhooks/evolution/{secret}", webhook)
+    app.router.add_post("/webhooks/evolution/{secret}/{event}", webhook)
+    return app
+
+
+async def start(service: Service, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(make_app(service), access_log_class=RedactingAccessLogger,
+                           access_log=logging.getLogger("pgqr.http.access"))
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port actually bound (useful with port 0)."""
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            port: int = server.sockets[0].getsockname()[1]
+            return port
+    raise RuntimeError("HTTP server is not listening")

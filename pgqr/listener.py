@@ -1,0 +1,258 @@
+"""`pgqr run`: the LISTEN loop, its wake-up sources, reconnects with backoff, and a graceful shutdown.
+
+Wake-ups are hints: NOTIFY pgqr_refresh (cron tick, new-instance trigger), start-up, every reconnect
+(LISTEN first, then catch up), and a fallback timer a little longer than the cron period. They coalesce
+into one asyncio.Event, so a wake-up during a reconcile schedules exactly one more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+import psycopg
+
+from . import __version__, db, http
+from .config import Settings
+from .evolution import EvolutionClient
+from .metrics import Metrics
+from .reconcile import Reconciler, owner_id
+
+log = logging.getLogger("pgqr.listener")
+
+REFRESH_CHANNEL = "pgqr_refresh"
+ALERT_CHANNEL = "pgqr_alert"
+PROBE_CHANNEL = "pgqr_probe"
+PROBE_REPLY_SECONDS = 5.0
+
+
+class ListenStalled(Exception):
+    """Our own probe NOTIFY never came back: the LISTEN is dead though the socket looks alive."""
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter, for reconnects: never a hot loop."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.base * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class WorkConnection:
+    """The autocommit connection for claims and write-backs, reopened when it breaks."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: db.AsyncConn | None = None
+
+    async def get(self) -> db.AsyncConn:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        return self._conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+class Service:
+    """One listener process. `run(stop)` returns after `stop` is set and the shutdown has finished."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.owner = owner_id()
+        self.metrics = metrics or Metrics()
+        self.client = EvolutionClient(
+            timeout=settings.http_timeout, max_reply_bytes=settings.max_reply_bytes,
+            concurrency=settings.concurrency,
+        )
+        self.reconciler = Reconciler(settings, self.client, self.owner)
+        self.work = WorkConnection(settings.database_url)
+        self.wake = asyncio.Event()
+        self.listening = asyncio.Event()  # set while a LISTEN connection is healthy
+        self.alerts = None
+        if settings.alert_webhook_url:
+            from .alerts import AlertForwarder
+
+            self.alerts = AlertForwarder(settings.alert_webhook_url)
+        self.reconciles = 0
+        self.stopping = False
+        self.http_port: int | None = None
+        self.last_reconcile_ok: bool | None = None
+        self._probe_token: str | None = None
+        self._probe_seen = asyncio.Event()
+
+    # -- the three loops -------------------------------------------------------------------------
+
+    async def listen_forever(self) -> None:
+        """Keep a LISTEN connection alive; reconnect forever with capped backoff and jitter."""
+        backoff = Backoff()
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.settings.database_url, autocommit=True
+                ) as conn:
+                    for channel in (REFRESH_CHANNEL, ALERT_CHANNEL, PROBE_CHANNEL):
+                        await conn.execute(f"LISTEN {channel}")
+                    backoff.reset()
+                    self.listening.set()
+                    self.wake.set()  # LISTEN first, then catch up on whatever we missed
+                    log.info("listening", extra={"action": "listen", "channels": REFRESH_CHANNEL})
+                    await self._receive(conn)
+            except (psycopg.Error, OSError, ListenStalled) as exc:
+                self.listening.clear()
+                self.metrics.reconnects.inc()
+                delay = backoff.next_delay()
+                log.warning(
+                    "listener connection lost (%s); reconnecting in %.1fs", _describe(exc), delay,
+                    extra={"action": "reconnect", "delay_s": round(delay, 2)},
+                )
+                await asyncio.sleep(delay)
+
+    async def _receive(self, conn: db.AsyncConn) -> None:
+        """Dispatch notifications; when idle for probe_seconds, prove the LISTEN still works."""
+        while True:
+            async for notify in conn.notifies(timeout=self.settings.probe_seconds):
+                self._dispatch(notify)
+            await self._probe(conn)
+
+    async def _probe(self, conn: db.AsyncConn) -> None:
+        token = secrets.token_hex(8)
+        self._probe_token = token
+        self._probe_seen.clear()
+        await db.notify(conn, PROBE_CHANNEL, token)
+        async for notify in conn.notifies(timeout=PROBE_REPLY_SECONDS):
+            self._dispatch(notify)
+            if self._probe_seen.is_set():
+                return
+        raise ListenStalled("probe notification not received")
+
+    def _dispatch(self, notify: psycopg.Notify) -> None:
+        if notify.channel == REFRESH_CHANNEL:
+            self.metrics.wakeups.labels("notify").inc()
+            self.wake.set()
+        elif notify.channel == ALERT_CHANNEL:
+            if self.alerts is not None:
+                self.alerts.submit(notify.payload)
+        elif notify.channel == PROBE_CHANNEL and notify.payload == self._probe_token:
+            self._probe_seen.set()
+
+    async def work_forever(self) -> None:
+        """Reconcile on every wake-up, or when the fallback timer runs out."""
+        backoff = Backoff(base=1.0, cap=self.settings.fallback_seconds)
+        self.wake.set()  # start-up
+        while not self.stopping:
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=self.settings.fallback_seconds)
+            except TimeoutError:
+                self.metrics.wakeups.labels("fallback").inc()
+            if self.stopping:
+                return
+            self.wake.clear()
+            if await self.reconcile_once():
+                backoff.reset()
+            elif not self.stopping:
+                # retry soon rather than at the next tick; a wake-up meanwhile cuts the wait short
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=backoff.next_delay())
+                except TimeoutError:
+                    self.wake.set()
+
+    async def reconcile_once(self) -> bool:
+        started = time.perf_counter()
+        try:
+            summary = await self.reconciler.run(await self.work.get())
+        except (psycopg.Error, OSError) as exc:
+            self.last_reconcile_ok = False
+            log.error("reconcile failed: %s", _describe(exc), extra={"action": "reconcile_error"})
+            return False
+        self.reconciles += 1
+        self.last_reconcile_ok = True
+        self.metrics.observe(summary, time.perf_counter() - started)
+        if summary.results:
+            log.info(
+                "reconciled %d instances, %d failed", len(summary.results), summary.failed,
+                extra={"action": "reconcile", "instances": len(summary.results), "failed": summary.failed},
+            )
+        return True
+
+    async def heartbeat_forever(self) -> None:
+        host, pid = socket.gethostname(), os.getpid()
+        while True:
+            try:
+                await db.heartbeat(await self.work.get(), self.owner, host, pid, __version__)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("heartbeat failed: %s", _describe(exc), extra={"action": "heartbeat_error"})
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set; then stop taking work, let in-flight calls finish within the grace
+        period, give back our leases and mark this listener stopped."""
+        if self.alerts is not None:
+            await self.alerts.start()
+        runner = None
+        if self.settings.http_port is not None:
+            runner = await http.start(self, self.settings.http_host, self.settings.http_port)
+            self.http_port = http.bound_port(runner)
+        background = [
+            asyncio.create_task(self.listen_forever(), name="listen"),
+            asyncio.create_task(self.heartbeat_forever(), name="heartbeat"),
+        ]
+        worker = asyncio.create_task(self.work_forever(), name="work")
+        log.info("pgqr %s started as %s", __version__, self.owner, extra={"action": "start"})
+        await stop.wait()
+        log.info("stopping", extra={"action": "stop"})
+        for task in background:
+            task.cancel()  # stop taking work: no more wake-ups
+        await self._drain(worker)
+        await asyncio.gather(*background, return_exceptions=True)
+        await asyncio.shield(self._final_writes())
+        if runner is not None:
+            await runner.cleanup()
+        await self.client.close()
+        if self.alerts is not None:
+            await self.alerts.close()
+        await self.work.close()
+        log.info("stopped", extra={"action": "stopped"})
+
+    async def _drain(self, worker: asyncio.Task[None]) -> None:
+        """Let a running reconcile finish within the grace period (so its results are written back),
+        then cancel whatever is still in flight."""
+        self.stopping = True
+        self.wake.set()  # unblock the worker's wait; it sees `stopping` and returns
+        try:
+            await asyncio.wait_for(asyncio.shield(worker), timeout=self.settings.grace_seconds)
+        except TimeoutError:
+            log.warning("grace period over; cancelling in-flight calls", extra={"action": "grace_expired"})
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+
+    async def _final_writes(self) -> None:
+        try:
+            conn = await self.work.get()
+            released = await db.release_leases(conn, self.owner)
+            await db.listener_stopped(conn, self.owner)
+            log.info("released %d leases", released, extra={"action": "release_leases", "released": released})
+        except (psycopg.Error, OSError) as exc:
+            # the leases expire on their own; another replica picks the instances up then
+            log.warning("could not release leases: %s", _describe(exc), extra={"action": "release_error"})
+
+
+def _describe(exc: BaseException) -> str:
+    """First line of an error, for logs. psycopg messages name host and port, never a password."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
