@@ -58,7 +58,7 @@ class WorkConnection:
 
     async def get(self) -> db.AsyncConn:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, application_name="pgqr")
         return self._conn
 
     async def close(self) -> None:
@@ -90,6 +90,7 @@ class Service:
         self.reconciles = 0
         self.stopping = False
         self.http_port: int | None = None
+        self.listen_conn: db.AsyncConn | None = None  # the current LISTEN connection, for diagnostics
         self.last_reconcile_ok: bool | None = None
         self._probe_token: str | None = None
         self._probe_seen = asyncio.Event()
@@ -102,8 +103,9 @@ class Service:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.settings.database_url, autocommit=True
+                    self.settings.database_url, autocommit=True, application_name="pgqr-listener"
                 ) as conn:
+                    self.listen_conn = conn
                     for channel in (REFRESH_CHANNEL, ALERT_CHANNEL, PROBE_CHANNEL):
                         await conn.execute(f"LISTEN {channel}")
                     backoff.reset()

@@ -21,7 +21,7 @@ from pytest_postgresql.janitor import DatabaseJanitor
 
 from pgqr import devdb, migrations
 
-pytest_plugins = ["sim_fixtures"]
+pytest_plugins = ["sim_fixtures", "service_fixtures"]
 
 _counter = itertools.count()
 
