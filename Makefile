@@ -14,7 +14,7 @@ demo: system venv
 	$(BIN)/pgqr demo
 
 bench: system venv
-	$(BIN)/python -m tests.bench
+	$(BIN)/python bench/refresh.py
 
 lint: venv
 	$(BIN)/ruff check pgqr tests
