@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import secrets
 import signal
 import sys
@@ -103,10 +104,8 @@ async def _show(conn: psycopg.AsyncConnection[tuple[object, ...]], stop: asyncio
             # not a terminal (a log, a pipe): print the table only when something besides the ages changed
             print(f"[{elapsed:.0f}s]\n{_render(rows)}", flush=True)
         last = _without_ages(rows)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
-        except TimeoutError:
-            pass
 
 
 def _render(rows: list[tuple[object, ...]]) -> str:

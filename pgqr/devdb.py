@@ -7,6 +7,7 @@ Clients connect over TCP on 127.0.0.1 with trust authentication, so nothing here
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -151,10 +152,8 @@ def create(*, cron_database: str | None = "postgres", port: int | None = None) -
 
 
 def destroy(server: DevServer) -> None:
-    try:
+    with contextlib.suppress(DevDBError):  # already gone: removing its files is all that is left
         server.stop("immediate")
-    except DevDBError:
-        pass  # already gone; removing its files is all that is left
     shutil.rmtree(server.base, ignore_errors=True)
 
 

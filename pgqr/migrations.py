@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import pglast
+from pglast import ast
 import psycopg
 from psycopg.conninfo import make_conninfo
 
@@ -199,9 +200,15 @@ def schedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> None:
     """Create or update pgqr's jobs in pg_cron (cron.schedule_in_database upserts by name)."""
     with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
         for job in jobs:
-            cron.execute(
+            row = cron.execute(
                 "SELECT cron.schedule_in_database(%s, %s, %s, %s, NULL, %s)",
                 (setup.jobname(job.name), job.schedule, job.command, job.database(setup), job.active),
+            ).fetchone()
+            # pg_cron 1.4's upsert by name updates only schedule and command: pause/resume need `active`
+            assert row is not None
+            cron.execute(
+                "SELECT cron.alter_job(%s, database => %s, active => %s)",
+                (row[0], job.database(setup), job.active),
             )
 
 
@@ -288,21 +295,20 @@ def expected_objects(migrations: list[Migration]) -> list[tuple[str, str]]:
     for m in migrations:
         for raw in pglast.parse_sql(m.text):
             stmt = raw.stmt
-            kind = type(stmt).__name__
-            if kind == "CreateStmt":
+            if isinstance(stmt, ast.CreateStmt):
                 found.append(("table", _qualified(stmt.relation)))
-            elif kind == "ViewStmt":
+            elif isinstance(stmt, ast.ViewStmt):
                 found.append(("view", _qualified(stmt.view)))
-            elif kind == "CreateFunctionStmt":
-                found.append(("function", ".".join(n.sval for n in stmt.funcname)))
-            elif kind == "CreateTrigStmt":
+            elif isinstance(stmt, ast.CreateFunctionStmt):
+                found.append(("function", ".".join(n.sval for n in stmt.funcname or ())))
+            elif isinstance(stmt, ast.CreateTrigStmt):
                 found.append(("trigger", f"{_qualified(stmt.relation)}.{stmt.trigname}"))
     return found
 
 
-def _qualified(range_var: object) -> str:
-    schema = getattr(range_var, "schemaname", None) or "public"
-    return f"{schema}.{getattr(range_var, 'relname')}"
+def _qualified(range_var: ast.RangeVar | None) -> str:
+    assert range_var is not None  # CREATE TABLE/VIEW/TRIGGER always name their relation
+    return f"{range_var.schemaname or 'public'}.{range_var.relname}"
 
 
 def _exists(conn: psycopg.Connection[tuple[object, ...]], kind: str, name: str) -> bool:

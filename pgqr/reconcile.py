@@ -136,9 +136,11 @@ class Reconciler:
         key = claimed.instance_token or self.settings.evolution_api_key
         # an instance we cannot even call: name the missing setting (never a value)
         if not base:
-            return Reply(Failure("config", False, None, "no evolution_url on the row and EVOLUTION_API_URL unset"), 0.0)
+            missing = "no evolution_url on the row and EVOLUTION_API_URL unset"
+            return Reply(Failure("config", False, None, missing), 0.0)
         if not key:
-            return Reply(Failure("config", False, None, "no instance_token on the row and EVOLUTION_API_KEY unset"), 0.0)
+            missing = "no instance_token on the row and EVOLUTION_API_KEY unset"
+            return Reply(Failure("config", False, None, missing), 0.0)
         return await self.client.connect(base, claimed.instance_name, key)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from conftest import Database, run_pgqr
+
 from pgqr import devdb, migrations
 
 VERSIONS = [m.version for m in migrations.load()]
@@ -154,7 +154,8 @@ def test_a_database_newer_than_the_code_is_refused(migrated: Database) -> None:
 def test_dry_run_prints_the_sql_and_changes_nothing(db: Database) -> None:
     result = run_pgqr("migrate", "--dry-run", env={"DATABASE_URL": db.dsn})
     assert result.returncode == 0, result.stderr
-    assert "-- 0001_instances.sql" in result.stdout and "CREATE TABLE IF NOT EXISTS public.evolution_instances" in result.stdout
+    assert "-- 0001_instances.sql" in result.stdout
+    assert "CREATE TABLE IF NOT EXISTS public.evolution_instances" in result.stdout
     assert db.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqr'") == 0
 
 
@@ -175,7 +176,8 @@ def test_missing_or_invalid_database_url_is_one_line_and_exit_2(env: dict[str, s
 def test_the_wheel_ships_the_migrations_and_migrates_without_the_repository(db: Database, tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(root)],
         check=True, capture_output=True,
     )
     wheel = next(tmp_path.glob("pgqr-*.whl"))
