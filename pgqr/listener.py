@@ -14,6 +14,7 @@ import random
 import secrets
 import socket
 import time
+
 import psycopg
 
 from . import __version__, db, http

@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from conftest import Database
+
 from pgqr.config import Settings
 from pgqr.evolution import EvolutionClient
 from pgqr.listener import Service
