@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import psycopg
 
-from . import config, logs, migrations
+from . import config, logs, migrations, opscli
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-after", type=float, default=20.0, help="seconds before one instance gets scanned")
     p.set_defaults(func=cmd_demo)
 
+    opscli.register(sub)
     return parser
 
 

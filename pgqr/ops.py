@@ -1,0 +1,392 @@
+"""What `pgqr status/doctor/schedule/pause/resume/uninstall` do. The SQL they run lives in sql/ as pgqr
+functions and views (a psql user can call the same ones); this module connects, calls them, and reaches
+pg_cron's own database where pg_cron lives elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import errors
+
+from . import migrations
+from .alerts import safe_origin
+from .config import ConfigError, Settings
+from .evolution import EvolutionClient, Failure, NoQrYet
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+class NotInstalled(migrations.MigrationError):
+    """The database has no pgqr schema (exit status 1, with the fix)."""
+
+
+def _connect(settings: Settings) -> Conn:
+    return psycopg.connect(settings.database_url, autocommit=True)
+
+
+def _installed(conn: Conn) -> bool:
+    row = conn.execute("SELECT to_regclass('pgqr.jobs') IS NOT NULL").fetchone()
+    return bool(row and row[0])
+
+
+def _require_installed(conn: Conn) -> None:
+    if not _installed(conn):
+        raise NotInstalled(f"pgqr is not installed in database {conn.info.dbname}: run `pgqr migrate`")
+
+
+# ---------------------------------------------------------------------------------------------- status
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """pgqr.status(): instances (the health view), listeners, jobs, last tick, firing alerts."""
+    with _connect(settings) as conn:
+        _require_installed(conn)
+        row = conn.execute("SELECT pgqr.status() || jsonb_build_object('now', now())").fetchone()
+    assert row is not None
+    doc: dict[str, Any] = row[0]
+    return doc
+
+
+def _when(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(abs(seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    return f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+
+
+def _relative(now: datetime, value: str | None) -> str:
+    moment = _when(value)
+    if moment is None:
+        return "-"
+    delta = (moment - now).total_seconds()
+    return f"in {_age(delta)}" if delta > 0 else f"{_age(delta)} ago"
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    """The status document as a table for humans, with a summary line of listeners, ticks, jobs, alerts."""
+    now = datetime.fromisoformat(doc["now"])
+    header = ("INSTANCE", "STATUS", "QR AGE", "LAST ATTEMPT", "OUTCOME", "FAILURES", "NEXT ATTEMPT", "LEASE")
+    rows = [header]
+    for i in doc["instances"]:
+        outcome = i["last_outcome"] or "-"
+        if i["last_error_class"]:
+            outcome += f" ({i['last_error_class']})"
+        rows.append((
+            i["instance_name"], i["status"], _age(i["qr_age_seconds"]), _relative(now, i["last_attempt_at"]),
+            outcome, str(i["consecutive_failures"]), _relative(now, i["next_attempt_at"]),
+            i["lease_owner"] or "-",
+        ))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if not doc["instances"]:
+        lines.append("(no instances)")
+    live = [x for x in doc["listeners"] if x["live"]]
+    active = [j for j in doc["jobs"] if j["active"]]
+    alerts = ", ".join(f"{a['rule']} ({a['count']})" for a in doc["alerts_firing"]) or "none"
+    lines.append("")
+    lines.append(
+        f"listeners: {len(live)} live · last tick: {_relative(now, doc['last_tick_at'])} · "
+        f"jobs: {len(active)}/{len(doc['jobs'])} active · alerts firing: {alerts}"
+    )
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------- schedule/pause/resume
+
+_EVERY = re.compile(
+    r"^\s*(\d+)\s*(s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days)\s*$",
+    re.IGNORECASE,
+)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_every(text: str) -> timedelta:
+    """'30s', '5 minutes', '1h', '1 day' -> timedelta; ConfigError for anything else."""
+    match = _EVERY.match(text)
+    if not match or int(match.group(1)) == 0:
+        raise ConfigError(
+            f"--every must be a positive number and a unit (seconds, minutes, hours, days), like '5 minutes' "
+            f"or '30s'; got {text!r}"
+        )
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)[0].lower()])
+
+
+def cron_version(dsn: str, setup: migrations.CronSetup) -> str | None:
+    """pg_cron's extversion in its database ('1.4-1'), None when the extension is not created there."""
+    with psycopg.connect(migrations.cron_conninfo(dsn, setup), autocommit=True) as cron:
+        row = cron.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'").fetchone()
+    return str(row[0]) if row else None
+
+
+def _resync(settings: Settings, conn: Conn, setup: migrations.CronSetup) -> None:
+    """pgqr.jobs changed: apply it in pg_cron's database (pgqr.sync_cron() can only do that from there)."""
+    migrations.schedule_jobs(settings.database_url, setup, migrations.wanted_jobs(conn))
+
+
+def schedule(settings: Settings, every: str) -> str:
+    """Tick every `every`; returns the cron expression. ConfigError for a period pg_cron cannot run."""
+    period = parse_every(every)
+    with _connect(settings) as conn:
+        _require_installed(conn)
+        setup = migrations.cron_setup(conn)
+        version = cron_version(settings.database_url, setup)
+        try:
+            row = conn.execute("SELECT pgqr.schedule(%s, %s)", (period, version)).fetchone()
+        except (errors.InvalidParameterValue, errors.FeatureNotSupported) as exc:
+            raise ConfigError(exc.diag.message_primary or str(exc)) from None
+        _resync(settings, conn, setup)
+    assert row is not None
+    return str(row[0])
+
+
+def set_active(settings: Settings, active: bool) -> int:
+    """pgqr.pause() / pgqr.resume(), then pg_cron; returns how many jobs changed state."""
+    with _connect(settings) as conn:
+        _require_installed(conn)
+        setup = migrations.cron_setup(conn)
+        row = conn.execute("SELECT pgqr.resume()" if active else "SELECT pgqr.pause()").fetchone()
+        _resync(settings, conn, setup)
+    return int(row[0]) if row else 0
+
+
+# ------------------------------------------------------------------------------------------- uninstall
+
+# The two DDL statements that cannot live in a pgqr function: they remove the schema such a function is in.
+# The trigger goes first and explicitly: it is the one pgqr object on the application's table, and inserts
+# into evolution_instances would fail if it outlived its function.
+_DROP = (
+    "DROP TRIGGER IF EXISTS pgqr_instance_change ON public.evolution_instances",
+    "DROP SCHEMA IF EXISTS pgqr CASCADE",
+)
+
+
+def uninstall(settings: Settings, drop_data: bool) -> list[str]:
+    """Unschedule pgqr's jobs; with drop_data also drop schema pgqr. Never touches evolution_instances rows.
+
+    The role pgqr_monitor stays: roles are cluster-wide and other databases may still use it.
+    """
+    done: list[str] = []
+    with _connect(settings) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (migrations.LOCK_KEY,))  # not while a migrate runs
+        try:
+            jobs = migrations.wanted_jobs(conn) if _installed(conn) else []
+            try:
+                setup: migrations.CronSetup | None = migrations.cron_setup(conn)
+            except migrations.ConfigurationError:
+                setup = None  # no pg_cron, so nothing scheduled
+            if setup is not None and jobs:
+                if drop_data:
+                    _forget_history(settings.database_url, setup, jobs)
+                removed = migrations.unschedule_jobs(settings.database_url, setup, jobs)
+                done.append(f"unscheduled {removed} pg_cron job(s) in database {setup.cron_database}")
+            if drop_data:
+                # a listener in mid-transaction would make us wait forever; fail with the fix instead
+                conn.execute("SET lock_timeout = '10s'")
+                try:
+                    with conn.transaction():
+                        for statement in _DROP:
+                            conn.execute(statement)
+                except errors.LockNotAvailable:
+                    raise migrations.MigrationError(
+                        "pgqr's tables are in use: stop every `pgqr run`, then uninstall again"
+                    ) from None
+                done.append("dropped schema pgqr and the trigger pgqr_instance_change; "
+                            "evolution_instances and its rows are untouched")
+            else:
+                done.append("kept schema pgqr and its data (the trigger still works); "
+                            "`pgqr migrate` schedules the jobs again, `--drop-data` removes everything")
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (migrations.LOCK_KEY,))
+    return done
+
+
+def _forget_history(dsn: str, setup: migrations.CronSetup, jobs: list[migrations.Job]) -> None:
+    with psycopg.connect(migrations.cron_conninfo(dsn, setup), autocommit=True) as cron:
+        for job in jobs:
+            cron.execute(
+                "DELETE FROM cron.job_run_details WHERE jobid IN "
+                "(SELECT jobid FROM cron.job WHERE jobname = %s AND database = %s)",
+                (setup.jobname(job.name), job.database(setup)),
+            )
+
+
+# ---------------------------------------------------------------------------------------------- doctor
+
+
+@dataclass(frozen=True)
+class Check:
+    """One doctor finding: `fix` says what to do when it failed."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        if self.ok:
+            return f"PASS  {self.name}: {self.detail}"
+        return f"FAIL  {self.name}: {self.detail}" + (f" -> fix: {self.fix}" if self.fix else "")
+
+
+def doctor(settings: Settings) -> list[Check]:
+    """Every check, in order; all must pass for a healthy installation."""
+    checks: list[Check] = []
+    with _connect(settings) as conn:
+        setup = _check_pg_cron(conn, settings, checks)
+        installed = _check_schema(conn, checks)
+        if installed and setup is not None:
+            _check_jobs(conn, settings, setup, checks)
+        elif installed:
+            checks.append(Check("jobs", False, "cannot check the jobs without pg_cron",
+                                "see the pg_cron check"))
+        if installed:
+            _check_listener(conn, checks)
+            _check_tokens(conn, settings, checks)
+    checks.append(asyncio.run(_check_evolution(settings)))
+    return checks
+
+
+def _check_pg_cron(conn: Conn, settings: Settings, checks: list[Check]) -> migrations.CronSetup | None:
+    try:
+        setup = migrations.cron_setup(conn)
+    except migrations.ConfigurationError as exc:
+        checks.append(Check("pg_cron", False, "not in shared_preload_libraries", str(exc)))
+        return None
+    try:
+        version = cron_version(settings.database_url, setup)
+    except psycopg.OperationalError:
+        checks.append(Check("pg_cron", False,
+                            f"preloaded, but its database {setup.cron_database} is unreachable",
+                            f"create database {setup.cron_database} or set cron.database_name"))
+        return None
+    if version is None:
+        checks.append(Check("pg_cron", False,
+                            f"preloaded, but the extension is missing in {setup.cron_database}",
+                            "run `pgqr migrate` (it creates the extension)"))
+        return None
+    where = "this database" if setup.same_database else f"database {setup.cron_database}"
+    checks.append(Check("pg_cron", True, f"preloaded, version {version}, lives in {where}"))
+    return setup
+
+
+def _check_schema(conn: Conn, checks: list[Check]) -> bool:
+    if not _installed(conn):
+        checks.append(Check("schema", False, f"pgqr is not installed in database {conn.info.dbname}",
+                            "run `pgqr migrate`"))
+        return False
+    pending = migrations.plan(conn, migrations.load()).pending
+    if pending:
+        checks.append(Check("schema", False, f"{len(pending)} migration(s) pending ({pending[0].name}, ...)",
+                            "run `pgqr migrate`"))
+    else:
+        checks.append(Check("schema", True, "pgqr schema is up to date"))
+    return True
+
+
+def _check_jobs(conn: Conn, settings: Settings, setup: migrations.CronSetup, checks: list[Check]) -> None:
+    jobs = migrations.wanted_jobs(conn)
+    names = [setup.jobname(j.name) for j in jobs]
+    with psycopg.connect(migrations.cron_conninfo(settings.database_url, setup), autocommit=True) as cron:
+        found = {
+            str(name): (str(schedule), bool(active), str(database))
+            for name, schedule, active, database in cron.execute(
+                "SELECT jobname, schedule, active, database FROM cron.job WHERE jobname = ANY(%s)", (names,)
+            )
+        }
+        failed = cron.execute(
+            """SELECT DISTINCT ON (j.jobname) j.jobname, d.status, d.return_message
+               FROM cron.job j JOIN cron.job_run_details d ON d.jobid = j.jobid
+               WHERE j.jobname = ANY(%s) AND d.status IN ('succeeded', 'failed')
+               ORDER BY j.jobname, d.start_time DESC""",
+            (names,),
+        ).fetchall()
+    missing = [n for n in names if n not in found]
+    changed = [
+        setup.jobname(j.name) for j in jobs
+        if (got := found.get(setup.jobname(j.name))) and (got[0], got[2]) != (j.schedule, j.database(setup))
+    ]
+    paused = [setup.jobname(j.name) for j in jobs if not j.active]
+    inactive = [n for n, (_, active, _) in found.items() if not active]
+    if missing or changed:
+        checks.append(Check("jobs", False, f"not scheduled as pgqr.jobs says: {', '.join(missing + changed)}",
+                            "run `pgqr migrate`"))
+    elif paused or inactive:
+        checks.append(Check("jobs", False, f"paused: {', '.join(sorted(set(paused + inactive)))}",
+                            "run `pgqr resume`"))
+    else:
+        checks.append(Check("jobs", True, f"{len(names)} jobs scheduled and active in {setup.cron_database}"))
+    bad = [(str(n), str(m or "").strip().splitlines()[0][:200] if m else "") for n, s, m in failed
+           if s == "failed"]
+    if bad:
+        checks.append(Check(
+            "job runs", False, "last run failed: " + "; ".join(f"{n}: {m}" for n, m in bad),
+            f"read cron.job_run_details in database {setup.cron_database} (or SELECT * FROM pgqr.cron_runs)",
+        ))
+    else:
+        checks.append(Check("job runs", True, f"no failed last run among {len(failed)} job(s) that ran"))
+
+
+def _check_listener(conn: Conn, checks: list[Check]) -> None:
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE live), count(*), min(heartbeat_age) FROM pgqr.listeners"
+    ).fetchone()
+    live, running, youngest = (row or (0, 0, None))
+    if live:
+        checks.append(Check("listener", True, f"{live} live listener(s)"))
+    elif running:
+        checks.append(Check("listener", False, f"no live listener; {running} went silent, last heartbeat "
+                            f"{int(youngest.total_seconds())}s ago", "restart `pgqr run` and read its log"))
+    else:
+        checks.append(Check("listener", False, "no listener is running", "start `pgqr run`"))
+
+
+def _check_tokens(conn: Conn, settings: Settings, checks: list[Check]) -> None:
+    if settings.evolution_api_key:
+        checks.append(Check("tokens", True, "EVOLUTION_API_KEY is set; it serves instances without a token"))
+        return
+    row = conn.execute(
+        "SELECT count(*) FROM public.evolution_instances WHERE coalesce(instance_token, '') = ''"
+    ).fetchone()
+    missing = int(row[0]) if row else 0
+    if missing:
+        checks.append(Check("tokens", False,
+                            f"{missing} instance(s) have no instance_token and EVOLUTION_API_KEY is not set",
+                            "set EVOLUTION_API_KEY, or fill evolution_instances.instance_token"))
+    else:
+        checks.append(Check("tokens", True, "every instance has an instance_token"))
+
+
+async def _check_evolution(settings: Settings) -> Check:
+    if not settings.evolution_api_url:
+        return Check("evolution", False, "EVOLUTION_API_URL is not set",
+                     "set EVOLUTION_API_URL to your Evolution API server, like http://localhost:8080")
+    where = safe_origin(settings.evolution_api_url)
+    async with EvolutionClient(timeout=min(settings.http_timeout, 10.0)) as client:
+        reply = await client.check_key(settings.evolution_api_url, settings.evolution_api_key or "")
+    outcome = reply.outcome
+    if isinstance(outcome, NoQrYet):
+        return Check("evolution", True, f"{where} accepts EVOLUTION_API_KEY ({reply.latency_ms:.0f} ms)")
+    # check_key classifies every non-2xx reply as a Failure; anything else would be a client bug
+    error, detail = (outcome.error_class, outcome.detail) if isinstance(outcome, Failure) else (
+        "bad_reply", "unexpected reply")
+    if error == "unauthorized" and not settings.evolution_api_key:
+        return Check("evolution", True,
+                     f"{where} is reachable (no EVOLUTION_API_KEY to check; instance tokens are used)")
+    if error == "unauthorized":
+        return Check("evolution", False, f"{where} rejects EVOLUTION_API_KEY ({detail})",
+                     "set EVOLUTION_API_KEY to the server's AUTHENTICATION_API_KEY")
+    return Check("evolution", False, f"{where} is not usable: {error}: {detail}",
+                 "check EVOLUTION_API_URL and that the Evolution API server is up")

@@ -1,0 +1,172 @@
+-- pgqr 0004: psql-first monitoring. Views over pgqr's bookkeeping, a read-only role for dashboards,
+-- and pgqr.status() (what `pgqr status --json` prints).
+--
+-- No view exposes instance_token, qr_code, pairing_code or evolution_url: a token or a QR lets whoever reads it
+-- take over the WhatsApp session, and a URL may carry credentials. Views read settings with a subquery
+-- instead of pgqr.setting(): a function runs with the caller's privileges, and pgqr_monitor may read
+-- nothing but these views.
+
+INSERT INTO pgqr.settings (key, value, description) VALUES
+    ('alert_stale_after', '5 minutes',
+     'Alert stale_qr: a connecting instance whose QR is older than this (or never came) is stale.'),
+    ('alert_listener_after', '2 minutes',
+     'Alert no_listener and pgqr.listeners.live: a heartbeat older than this is not live.'),
+    ('alert_tick_after', '3 minutes',
+     'Alert ticks_not_firing: no tick for this long (at least three tick periods).'),
+    ('alert_failure_rate', '0.5',
+     'Alert evolution_failures: fires when more than this fraction of Evolution calls failed in the window.'),
+    ('alert_failure_window', '15 minutes',
+     'Alert evolution_failures: how far back to count Evolution calls.'),
+    ('alert_failure_min_calls', '5',
+     'Alert evolution_failures: fewer calls than this in the window never fire (1 failure of 1 is noise).'),
+    ('tick_every', '1 minute',
+     'The tick period, kept by pgqr.schedule(); the ticks alert never fires before three periods pass.'),
+    ('retention', '7 days',
+     'pgqr.housekeeping() deletes refresh_log, ticks, resolved alerts and gone listeners older than this.')
+ON CONFLICT (key) DO NOTHING;
+
+-- One row per instance: where its QR refresh stands.
+CREATE VIEW pgqr.instance_health AS
+SELECT i.id                                   AS instance_id,
+       i.instance_name,
+       i.user_id,
+       i.instance_status                      AS status,
+       i.qr_code IS NOT NULL                  AS has_qr,
+       i.last_qr_update,
+       now() - i.last_qr_update               AS qr_age,
+       s.last_attempt_at,
+       s.last_success_at,
+       s.last_outcome,
+       s.last_error_class,
+       s.last_http_status,
+       coalesce(s.consecutive_failures, 0)    AS consecutive_failures,
+       s.next_attempt_at,
+       s.lease_owner,
+       s.lease_expires_at,
+       i.created_at
+FROM public.evolution_instances i
+LEFT JOIN pgqr.instance_state s ON s.instance_name = i.instance_name;
+
+-- pgqr's pg_cron jobs and their runs of the last 24 hours. This definition is the fallback for pg_cron in
+-- another database (cron.* is invisible from here): the job list comes from pgqr.jobs and pgqr.ticks stands in
+-- for the tick job's runs. The DO block below replaces it with cron.job + cron.job_run_details when pg_cron is
+-- installed in this very database; both definitions have the same columns, so readers never see a difference.
+CREATE VIEW pgqr.cron_runs AS
+SELECT j.name                          AS jobname,
+       j.schedule,
+       j.active,
+       t.id                            AS runid,
+       CASE WHEN t.id IS NOT NULL THEN 'succeeded' END AS status,
+       t.at                            AS start_time,
+       NULL::timestamptz               AS end_time,
+       NULL::interval                  AS duration,
+       CASE WHEN t.id IS NOT NULL THEN 'tick recorded in pgqr.ticks'
+            -- not current_setting('cron.database_name'): reading it needs pg_read_all_settings
+            ELSE 'run details are in cron.job_run_details in pg_cron''s database (cron.database_name)'
+       END                             AS message,
+       'pgqr.ticks'::text              AS source
+FROM pgqr.jobs j
+LEFT JOIN LATERAL (
+    SELECT k.id, k.at FROM pgqr.ticks k
+    WHERE j.name = 'pgqr-tick' AND k.at >= now() - interval '24 hours'
+) t ON true
+ORDER BY jobname, start_time DESC NULLS LAST;
+
+DO $$
+BEGIN
+    -- The runner creates pg_cron's extension before migrating, so cron.job is visible here exactly when
+    -- pg_cron lives in this database. Jobs named `pgqr-x@otherdb` belong to other application databases.
+    -- The view runs with its owner's rights, which pg_cron's row security (username = current_user) allows
+    -- for pgqr's own jobs, so pgqr_monitor needs no grant on cron.*.
+    IF to_regclass('cron.job') IS NOT NULL THEN
+        EXECUTE $view$
+            CREATE OR REPLACE VIEW pgqr.cron_runs AS
+            SELECT j.jobname::text COLLATE "default" AS jobname,  -- name is collated "C"; keep the columns identical
+                   j.schedule,
+                   j.active,
+                   d.runid,
+                   d.status,
+                   d.start_time,
+                   d.end_time,
+                   d.end_time - d.start_time      AS duration,
+                   d.return_message               AS message,
+                   'cron.job_run_details'::text   AS source
+            FROM cron.job j
+            LEFT JOIN LATERAL (
+                SELECT r.runid, r.status, r.start_time, r.end_time, r.return_message
+                FROM cron.job_run_details r
+                WHERE r.jobid = j.jobid AND r.start_time >= now() - interval '24 hours'
+            ) d ON true
+            WHERE j.jobname LIKE 'pgqr-%' AND j.jobname NOT LIKE '%@%'
+            ORDER BY jobname, start_time DESC NULLS LAST
+        $view$;
+    END IF;
+END
+$$;
+
+-- Per hour over the last 24 hours (every hour listed, quiet ones as zeros), counting every refresh in the
+-- log, not each instance's latest. calls: Evolution calls made by listeners (source poll); webhook_events:
+-- what Evolution pushed; successes and failures count both sources.
+CREATE VIEW pgqr.refresh_stats AS
+WITH hours AS (
+    SELECT generate_series(date_trunc('hour', now()) - interval '23 hours', date_trunc('hour', now()),
+                           interval '1 hour') AS hour
+), log AS (
+    SELECT date_trunc('hour', l.at) AS hour, l.*
+    FROM pgqr.refresh_log l
+    WHERE l.at >= date_trunc('hour', now()) - interval '23 hours'
+), by_class AS (
+    SELECT c.hour, jsonb_object_agg(c.error_class, c.n) AS failures_by_class
+    FROM (SELECT hour, coalesce(error_class, 'unknown') AS error_class, count(*) AS n
+          FROM log WHERE outcome = 'failed' GROUP BY 1, 2) c
+    GROUP BY c.hour
+)
+SELECT h.hour,
+       count(l.id) FILTER (WHERE l.source = 'poll')                          AS calls,
+       count(l.id) FILTER (WHERE l.source = 'webhook')                       AS webhook_events,
+       count(l.id) FILTER (WHERE l.outcome IN ('qr', 'no_qr', 'connected'))  AS successes,
+       count(l.id) FILTER (WHERE l.outcome = 'failed')                       AS failures,
+       coalesce(b.failures_by_class, '{}'::jsonb)                            AS failures_by_class,
+       count(l.id) FILTER (WHERE l.qr_updated)                               AS qr_updates,
+       count(DISTINCT l.instance_name)                                       AS instances,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY l.latency_ms)             AS p50_latency_ms,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY l.latency_ms)            AS p95_latency_ms
+FROM hours h
+LEFT JOIN log l ON l.hour = h.hour
+LEFT JOIN by_class b ON b.hour = h.hour
+GROUP BY h.hour, b.failures_by_class
+ORDER BY h.hour DESC;
+
+-- Listeners that have not stopped cleanly: live ones, and ones that went silent (crashed, network cut).
+CREATE VIEW pgqr.listeners AS
+SELECT l.owner,
+       l.host,
+       l.pid,
+       l.version,
+       l.started_at,
+       l.heartbeat_at,
+       now() - l.heartbeat_at AS heartbeat_age,
+       l.heartbeat_at >= now() - coalesce(
+           (SELECT value::interval FROM pgqr.settings WHERE key = 'alert_listener_after'),
+           interval '2 minutes') AS live,
+       (SELECT count(*) FROM pgqr.instance_state s
+         WHERE s.lease_owner = l.owner AND s.lease_expires_at > now()) AS leases_held
+FROM pgqr.listener_heartbeats l
+WHERE l.stopped_at IS NULL
+ORDER BY l.heartbeat_at DESC;
+
+-- A read-only role for dashboards and on-call humans. Roles are cluster-wide: another database on this
+-- server may have created it already (even concurrently, hence the exception handler). NOLOGIN: grant it to
+-- a login role (GRANT pgqr_monitor TO grafana).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgqr_monitor') THEN
+        CREATE ROLE pgqr_monitor NOLOGIN;
+    END IF;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN
+    NULL;
+END
+$$;
+
+GRANT USAGE ON SCHEMA pgqr TO pgqr_monitor;
+GRANT SELECT ON pgqr.instance_health, pgqr.cron_runs, pgqr.refresh_stats, pgqr.listeners TO pgqr_monitor;
