@@ -15,7 +15,7 @@ def _throwaway_servers() -> set[Path]:
 def test_demo_refreshes_qr_codes_shows_a_scan_and_a_missing_instance_then_cleans_up() -> None:
     before = _throwaway_servers()
     result = run_pgqr("demo", "--duration", "8", "--scan-after", "3", timeout=120)
-    assert _throwaway_servers() == before
+    assert _throwaway_servers() <= before  # its own server directory is gone
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "applied 0001_instances.sql" in out
