@@ -42,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
     print("pgqr demo: starting a throwaway PostgreSQL 15 with pg_cron ...", flush=True)
     with devdb.running(cron_database="postgres") as server:
         dsn = server.dsn("postgres")
+        print(f"pgqr demo: PostgreSQL in {server.base} on port {server.port}", flush=True)
         for line in migrations.migrate(dsn):
             print(f"  {line}")
         try:
