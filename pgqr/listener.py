@@ -181,6 +181,11 @@ class Service:
             self.last_reconcile_ok = False
             log.error("reconcile failed: %s", _describe(exc), extra={"action": "reconcile_error"})
             return False
+        except Exception:
+            # a bug must not stop refreshing for every instance: log it and retry with backoff
+            self.last_reconcile_ok = False
+            log.exception("reconcile crashed", extra={"action": "reconcile_error"})
+            return False
         self.reconciles += 1
         self.last_reconcile_ok = True
         self.metrics.observe(summary, time.perf_counter() - started)
