@@ -18,6 +18,7 @@ import time
 import psycopg
 
 from . import __version__, db, http
+from .alerts import AlertForwarder
 from .config import Settings
 from .evolution import EvolutionClient
 from .metrics import Metrics
@@ -83,11 +84,7 @@ class Service:
         self.work = WorkConnection(settings.database_url)
         self.wake = asyncio.Event()
         self.listening = asyncio.Event()  # set while a LISTEN connection is healthy
-        self.alerts = None
-        if settings.alert_webhook_url:
-            from .alerts import AlertForwarder
-
-            self.alerts = AlertForwarder(settings.alert_webhook_url)
+        self.alerts = AlertForwarder(settings.alert_webhook_url) if settings.alert_webhook_url else None
         self.reconciles = 0
         self.stopping = False
         self.http_port: int | None = None
