@@ -46,11 +46,9 @@ def _body(payload: str) -> tuple[bytes, str]:
         parsed = json.loads(payload)
     except ValueError:
         return json.dumps({"payload": payload}).encode(), "unparsed"
-    if isinstance(parsed, dict):
-        label = f"{parsed.get('rule', '?')}/{parsed.get('state', '?')}"
-    else:
-        label = "unlabelled"
-    return payload.encode(), label
+    if not isinstance(parsed, dict):
+        return payload.encode(), "unlabelled"
+    return payload.encode(), f"{parsed.get('rule', '?')}/{parsed.get('state', '?')}"
 
 
 class AlertForwarder:
@@ -102,10 +100,12 @@ class AlertForwarder:
             if len(self._queue) >= self._queue_size:
                 self._queue.popleft()
                 self.dropped += 1
-                logger.warning(
-                    "alert queue full, dropped the oldest alert",
-                    extra={"action": "alert_dropped", "target": self._origin, "dropped": self.dropped},
-                )
+                # a storm of alerts must not become a storm of log lines (or slow this call down)
+                if self.dropped % 100 == 1:
+                    logger.warning(
+                        "alert queue full, dropping the oldest alerts",
+                        extra={"action": "alert_dropped", "target": self._origin, "dropped": self.dropped},
+                    )
             self._queue.append(payload)
             self._wakeup.set()
         except Exception:  # the caller is the refresh loop: an alert problem must never reach it

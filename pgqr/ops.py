@@ -164,11 +164,12 @@ def set_active(settings: Settings, active: bool) -> int:
 
 # ------------------------------------------------------------------------------------------- uninstall
 
-# The two DDL statements that cannot live in a pgqr function: they remove the schema such a function is in.
-# The trigger goes first and explicitly: it is the one pgqr object on the application's table, and inserts
-# into evolution_instances would fail if it outlived its function.
+# DDL that cannot live in a pgqr function: it removes the schema such a function would be in.
+# The triggers go first and explicitly: they are pgqr's only objects on the application's table, and writes
+# to evolution_instances would fail if one outlived its function.
 _DROP = (
     "DROP TRIGGER IF EXISTS pgqr_instance_change ON public.evolution_instances",
+    "DROP TRIGGER IF EXISTS pgqr_connecting_since ON public.evolution_instances",
     "DROP SCHEMA IF EXISTS pgqr CASCADE",
 )
 
@@ -203,7 +204,7 @@ def uninstall(settings: Settings, drop_data: bool) -> list[str]:
                     raise migrations.MigrationError(
                         "pgqr's tables are in use: stop every `pgqr run`, then uninstall again"
                     ) from None
-                done.append("dropped schema pgqr and the trigger pgqr_instance_change; "
+                done.append("dropped schema pgqr and its triggers on evolution_instances; "
                             "evolution_instances and its rows are untouched")
             else:
                 done.append("kept schema pgqr and its data (the trigger still works); "

@@ -1,21 +1,22 @@
 -- pgqr 0005: alert rules in SQL, housekeeping, and the control functions `pgqr status/schedule/pause/resume`
 -- wrap. Thresholds live in pgqr.settings (0004); change them with UPDATE.
 
--- Connecting instances whose QR has not been refreshed within `threshold`. One that never got a QR is stale
--- once it has existed that long. An instance switched back to connecting keeps its old last_qr_update, so it
--- can count as stale until its first new QR lands (seconds, thanks to the trigger's wake-up).
+-- Connecting instances whose QR has not been refreshed within `threshold`, measured from the later of the
+-- last QR and the moment the instance (re)turned connecting: one that never got a QR is stale once it has
+-- waited that long. An instance without a bookkeeping row yet (claim or the trigger adds it within seconds)
+-- is not counted.
 CREATE FUNCTION pgqr.stale_instances(threshold interval DEFAULT '5 minutes')
-RETURNS TABLE (instance_id uuid, instance_name text, last_qr_update timestamptz, waiting interval,
+RETURNS TABLE (instance_id text, instance_name text, last_qr_update timestamptz, waiting interval,
                last_attempt_at timestamptz, last_outcome text, last_error_class text,
                consecutive_failures integer)
 LANGUAGE sql STABLE AS $$
-    SELECT i.id, i.instance_name, i.last_qr_update, now() - coalesce(i.last_qr_update, i.created_at),
-           s.last_attempt_at, s.last_outcome, s.last_error_class, coalesce(s.consecutive_failures, 0)
+    SELECT i.id::text, i.instance_name, i.last_qr_update, now() - greatest(i.last_qr_update, s.connecting_since),
+           s.last_attempt_at, s.last_outcome, s.last_error_class, s.consecutive_failures
     FROM public.evolution_instances i
-    LEFT JOIN pgqr.instance_state s ON s.instance_name = i.instance_name
+    JOIN pgqr.instance_state s ON s.instance_name = i.instance_name
     WHERE i.instance_status = 'connecting'
-      AND coalesce(i.last_qr_update, i.created_at) < now() - threshold
-    ORDER BY coalesce(i.last_qr_update, i.created_at), i.instance_name
+      AND greatest(i.last_qr_update, s.connecting_since) < now() - threshold
+    ORDER BY greatest(i.last_qr_update, s.connecting_since), i.instance_name
 $$;
 
 -- '5 minutes', '90 seconds', '2 hours 5 minutes', '3 days': for alert details humans read.
@@ -358,9 +359,9 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 INSERT INTO pgqr.jobs (name, schedule, command, target, description) VALUES
-    ('pgqr-alerts', '*/5 * * * *', 'SELECT * FROM pgqr.check_alerts()', 'app',
+    ('pgqr-alerts', '*/5 * * * *', 'SELECT pgqr.check_alerts()', 'app',
      'Evaluates the alert rules; transitions go to pgqr.alerts and NOTIFY pgqr_alert.'),
-    ('pgqr-housekeeping', '17 * * * *', 'SELECT * FROM pgqr.housekeeping()', 'app',
+    ('pgqr-housekeeping', '17 * * * *', 'SELECT pgqr.housekeeping()', 'app',
      'Deletes refresh log, ticks, resolved alerts and gone listeners older than the retention setting.'),
     -- pg_cron never prunes cron.job_run_details, and a per-minute tick adds 1440 rows a day. This job runs in
     -- pg_cron's database, where pgqr.settings does not exist (unless pg_cron lives here), so its retention is

@@ -92,8 +92,8 @@ async def test_a_real_listen_connection_forwards_exactly_one_firing_and_one_reso
 
     pumping = asyncio.create_task(pump())
     try:
-        quiet.query("""INSERT INTO public.evolution_instances (instance_name, created_at)
-                       VALUES ('alpha', now() - interval '10 minutes')""")
+        quiet.query("INSERT INTO public.evolution_instances (instance_name) VALUES ('alpha')")
+        quiet.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '10 minutes'")
         quiet.query("SELECT * FROM pgqr.check_alerts()")
         quiet.query("SELECT * FROM pgqr.check_alerts()")  # nothing changed: no second "firing"
         quiet.query("UPDATE public.evolution_instances SET last_qr_update = now()")

@@ -30,15 +30,18 @@ def installed_long_ago(db: Database) -> None:
     db.query("UPDATE pgqr.migrations SET applied_at = now() - interval '1 hour'")
 
 
-def add_instance(db: Database, name: str, *, status: str = "connecting", created_ago: str = "0 seconds",
+def add_instance(db: Database, name: str, *, status: str = "connecting", waiting: str = "0 seconds",
                  qr_ago: str | None = None, token: str | None = "tok-" + "x" * 8) -> None:
+    """An instance as the app adds it; `waiting`: how long ago pgqr saw it (re)turn connecting."""
     db.query(
-        """INSERT INTO public.evolution_instances
-               (instance_name, instance_status, instance_token, created_at, last_qr_update, qr_code)
-           VALUES (%s, %s, %s, now() - %s::interval, now() - %s::interval,
+        """INSERT INTO public.evolution_instances (instance_name, instance_status, instance_token,
+                                                  last_qr_update, qr_code)
+           VALUES (%s, %s, %s, now() - %s::interval,
                    CASE WHEN %s::text IS NULL THEN NULL ELSE 'data:image/png;base64,AAAA' END)""",
-        (name, status, token, created_ago, qr_ago, qr_ago),
+        (name, status, token, qr_ago, qr_ago),
     )
+    db.query("UPDATE pgqr.instance_state SET connecting_since = now() - %s::interval WHERE instance_name = %s",
+             (waiting, name))
 
 
 class Alerts:
@@ -240,19 +243,39 @@ def test_pgqr_monitor_reads_every_view_and_is_denied_the_token_column(quiet: Dat
 
 
 def test_stale_instances_are_connecting_ones_without_a_qr_within_the_threshold(quiet: Database) -> None:
-    add_instance(quiet, "never-got-one", created_ago="10 minutes")
-    add_instance(quiet, "old-qr", created_ago="1 day", qr_ago="6 minutes")
-    add_instance(quiet, "fresh-qr", created_ago="1 day", qr_ago="1 minute")
-    add_instance(quiet, "just-created", created_ago="1 minute")
-    add_instance(quiet, "connected", status="connected", created_ago="1 day", qr_ago="1 day")
+    add_instance(quiet, "never-got-one", waiting="10 minutes")
+    add_instance(quiet, "old-qr", waiting="1 day", qr_ago="6 minutes")
+    add_instance(quiet, "fresh-qr", waiting="1 day", qr_ago="1 minute")
+    add_instance(quiet, "just-created", waiting="1 minute")
+    add_instance(quiet, "connected", status="connected", waiting="1 day", qr_ago="1 day")
     stale = [r["instance_name"] for r in quiet.query("SELECT * FROM pgqr.stale_instances()")]
     assert stale == ["never-got-one", "old-qr"]  # longest waiting first
     tight = {r["instance_name"] for r in quiet.query("SELECT * FROM pgqr.stale_instances('30 seconds')")}
     assert tight == {"never-got-one", "old-qr", "fresh-qr", "just-created"}
 
 
+def test_an_instance_switched_back_to_connecting_waits_from_that_moment_not_its_old_qr(quiet: Database) -> None:
+    add_instance(quiet, "again", status="connected", waiting="2 days", qr_ago="1 day")
+    quiet.query("UPDATE public.evolution_instances SET instance_status = 'connecting'")
+    assert quiet.query("SELECT * FROM pgqr.stale_instances()") == []
+    quiet.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '6 minutes'")
+    assert [r["instance_name"] for r in quiet.query("SELECT * FROM pgqr.stale_instances()")] == ["again"]
+
+
+def test_stale_instances_works_on_an_adopted_table_without_created_at_or_uuid_ids(db: Database) -> None:
+    db.query("""CREATE TABLE public.evolution_instances (
+                    id bigserial PRIMARY KEY, instance_name text NOT NULL UNIQUE, instance_token text,
+                    instance_status text, qr_code text, last_qr_update timestamptz)""")
+    db.query("INSERT INTO public.evolution_instances (instance_name, instance_status) VALUES ('old', 'connecting')")
+    migrations.migrate(db.dsn)
+    db.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '1 hour'")
+    rows = db.query("SELECT instance_id, instance_name FROM pgqr.stale_instances()")
+    assert rows == [{"instance_id": "1", "instance_name": "old"}]
+    assert db.value("SELECT count(*) FROM pgqr.instance_health") == 1
+
+
 def test_stale_qr_fires_once_then_resolves(quiet: Database, alerts: Alerts) -> None:
-    add_instance(quiet, "alpha", created_ago="10 minutes")
+    add_instance(quiet, "alpha", waiting="10 minutes")
     fired = alerts.check()["stale_qr"]
     assert (fired["state"], fired["count"], fired["changed"]) == ("firing", 1, True)
     payloads = alerts.notified()
@@ -270,7 +293,7 @@ def test_stale_qr_fires_once_then_resolves(quiet: Database, alerts: Alerts) -> N
 
 
 def test_a_second_check_with_nothing_changed_notifies_nothing(quiet: Database, alerts: Alerts) -> None:
-    add_instance(quiet, "alpha", created_ago="10 minutes")
+    add_instance(quiet, "alpha", waiting="10 minutes")
     alerts.check()
     assert len(alerts.notified()) == 1
     warnings_after_first = len(alerts.warnings)
@@ -282,10 +305,10 @@ def test_a_second_check_with_nothing_changed_notifies_nothing(quiet: Database, a
 
 
 def test_a_changed_count_while_firing_updates_the_alert_without_notifying(quiet: Database, alerts: Alerts) -> None:
-    add_instance(quiet, "alpha", created_ago="10 minutes")
+    add_instance(quiet, "alpha", waiting="10 minutes")
     alerts.check()
     alerts.notified()
-    add_instance(quiet, "beta", created_ago="10 minutes")
+    add_instance(quiet, "beta", waiting="10 minutes")
     assert alerts.check()["stale_qr"]["count"] == 2
     assert alerts.notified() == []
     assert quiet.value("SELECT count FROM pgqr.alerts WHERE state = 'firing'") == 2
@@ -387,7 +410,7 @@ def test_evolution_failures_ignore_a_handful_of_calls_and_old_ones(quiet: Databa
 
 
 def test_thresholds_are_settings_changeable_with_update(quiet: Database, alerts: Alerts) -> None:
-    add_instance(quiet, "alpha", created_ago="10 minutes")
+    add_instance(quiet, "alpha", waiting="10 minutes")
     quiet.query("UPDATE pgqr.settings SET value = '1 hour' WHERE key = 'alert_stale_after'")
     _log_calls(quiet, "failed", 3)
     _log_calls(quiet, "qr", 7)
