@@ -125,11 +125,15 @@ async def test_doctor_fails_on_a_wrong_key_and_on_paused_jobs(migrated: Database
 def test_doctor_reports_a_failed_last_job_run(migrated: Database) -> None:
     migrated.query("SELECT pgqr.heartbeat('h:1:x', 'h', 1, '0.1.0')")
     with psycopg.connect(migrated.server.dsn("postgres"), autocommit=True) as conn:
+        # A real run at a minute boundary would be newer than the failure: stop real runs, and date the
+        # failure after any run pg_cron may still start before it notices.
+        conn.execute("UPDATE cron.job SET active = false WHERE database = %s", (migrated.name,))
         conn.execute(
             """INSERT INTO cron.job_run_details (jobid, runid, database, username, command, status,
                                                  return_message, start_time, end_time)
                SELECT jobid, nextval('cron.runid_seq'), database, username, command, 'failed',
-                      'ERROR:  relation "pgqr.ticks" does not exist', now(), now()
+                      'ERROR:  relation "pgqr.ticks" does not exist', now() + interval '5 seconds',
+                      now() + interval '5 seconds'
                FROM cron.job WHERE jobname = %s""", (f"pgqr-tick@{migrated.name}",))
     result = pgqr(migrated, "doctor", EVOLUTION_API_KEY="k")
     line = next(x for x in result.stdout.splitlines() if " job runs:" in x)
