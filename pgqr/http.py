@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from . import db
+from .config import ConfigError
 
 if TYPE_CHECKING:
     from .listener import Service
@@ -94,11 +96,10 @@ class RedactingAccessLogger(AbstractAccessLogger):
     """Access log without the webhook secret (it is part of the path)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        path = request.path
-        if path.startswith("/webhooks/evolution/"):
-            parts = path.split("/")
-            parts[3] = "***"
-            path = "/".join(parts)
+        # Redact the segment after /webhooks/evolution/ wherever it occurs: a base URL ending in '/' ("//webhooks")
+        # or a proxy prefix misses the route (404), but the path still carries the real secret.
+        head, sep, tail = request.path.rpartition("/webhooks/evolution/")
+        path = head + sep + "/".join(["***", *tail.lstrip("/").split("/")[1:]]) if sep else request.path
         self.logger.info("%s %s %s", request.method, path, response.status,
                          extra={"action": "http", "method": request.method, "path": path,
                                 "status": response.status, "ms": round(time * 1000, 1)})
@@ -124,7 +125,12 @@ async def start(service: Service, host: str, port: int) -> web.AppRunner:
                            access_log=logging.getLogger("pgqr.http.access"))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # port in use, address not on this host: a setting to fix, not a traceback
+        await runner.cleanup()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot serve HTTP on {host}:{port}: {reason}") from None
     return runner
 
 

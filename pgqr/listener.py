@@ -57,11 +57,16 @@ class WorkConnection:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self._conn: db.AsyncConn | None = None
+        # the worker, the heartbeat and webhooks ask at once (start-up, after a break): open one connection,
+        # not one each; writers on separate connections can deadlock each other in record_results
+        self._opening = asyncio.Lock()
 
     async def get(self) -> db.AsyncConn:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, application_name="pgqr")
-        return self._conn
+        async with self._opening:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self.dsn, autocommit=True, application_name="pgqr")
+            return self._conn
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -1,0 +1,397 @@
+"""The long-lived listener (`pgqr run`): wake-up sources, coalescing, reconnects, the probe, heartbeat,
+shutdown, logs and readiness. Real PostgreSQL, the real simulator on loopback, real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+import pytest
+from conftest import Database, run_pgqr
+from service_fixtures import Env, running_service, wait_until
+
+from pgqr import listener
+from pgqr.listener import Service
+
+QUIET = {"fallback_seconds": 3600.0}  # so only the wake-up under test can explain a refresh
+
+
+@pytest.fixture(autouse=True)
+def no_cron_ticks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Pause pg_cron's jobs for this test's database: a real minute tick must not explain a refresh."""
+    if "env" not in request.fixturenames:
+        yield
+        return
+    env: Env = request.getfixturevalue("env")
+    with psycopg.connect(env.db.server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute("UPDATE cron.job SET active = false WHERE database = %s", (env.db.name,))
+    yield
+
+
+def sample(service: Service, name: str, **labels: str) -> float:
+    return service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def reconnects(service: Service) -> float:
+    return sample(service, "pgqr_listener_reconnects_total")
+
+
+async def settled(service: Service) -> int:
+    """Wait until the start-up and catch-up reconciles are over; returns the reconcile count."""
+    await wait_until(lambda: service.reconciles >= 1 and not service.wake.is_set(), 10, "the start-up reconcile")
+    while True:
+        before = service.reconciles
+        await asyncio.sleep(0.3)
+        if service.reconciles == before and not service.wake.is_set():
+            return before
+
+
+def has_qr(env: Env, name: str) -> bool:
+    return env.db.value("SELECT qr_code IS NOT NULL FROM public.evolution_instances WHERE instance_name = %s",
+                        (name,)) is True
+
+
+def tick(env: Env) -> None:
+    env.db.query("SELECT pgqr.tick()")
+
+
+def terminate_listener(db: Database) -> int:
+    rows = db.query(
+        "SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity "
+        "WHERE application_name = 'pgqr-listener' AND datname = current_database()")
+    return sum(bool(r["killed"]) for r in rows)
+
+
+# -- wake-up sources ------------------------------------------------------------------------------
+
+
+async def test_a_tick_notifies_the_listener_which_refreshes_the_instance(env: Env) -> None:
+    async with running_service(env.settings(**QUIET)) as service:
+        await settled(service)
+        env.add("shop", triggers=False)
+        await asyncio.sleep(0.3)
+        assert not has_qr(env, "shop")  # nothing but a wake-up would refresh it
+        tick(env)
+        await wait_until(lambda: has_qr(env, "shop"), 2, "the ticked refresh")
+        assert sample(service, "pgqr_wakeups_total", source="notify") >= 1
+    assert [(r["source"], r["outcome"], r["owner"]) for r in env.log("shop")] == [("poll", "qr", service.owner)]
+
+
+async def test_the_new_instance_trigger_gives_a_qr_within_one_second(env: Env) -> None:
+    async with running_service(env.settings(**QUIET)) as service:
+        await settled(service)
+        started = time.monotonic()
+        env.add("fresh")
+        await wait_until(lambda: has_qr(env, "fresh"), 1.0, "the first QR")
+        assert time.monotonic() - started < 1.0
+        assert str(env.row("fresh")["qr_code"]).startswith("data:image/png;base64,")
+
+
+async def test_the_fallback_timer_refreshes_without_any_notification(env: Env) -> None:
+    async with running_service(env.settings(fallback_seconds=0.5)) as service:
+        await settled(service)
+        env.add("silent", triggers=False)
+        await wait_until(lambda: has_qr(env, "silent"), 3, "the fallback refresh")
+        assert sample(service, "pgqr_wakeups_total", source="fallback") >= 1
+        assert sample(service, "pgqr_wakeups_total", source="notify") == 0
+    assert env.db.value("SELECT count(*) FROM pgqr.ticks") == 0
+
+
+async def test_wake_ups_during_a_reconcile_schedule_exactly_one_more(env: Env) -> None:
+    env.sim.config.latency = 0.5
+    async with running_service(env.settings(**QUIET)) as service:
+        before = await settled(service)
+        env.add("slow", triggers=False)
+        tick(env)
+        await wait_until(lambda: env.row("slow")["lease_owner"] == service.owner, 2, "the reconcile to claim")
+        for _ in range(4):
+            tick(env)  # all while the first reconcile waits on Evolution
+        await wait_until(lambda: service.reconciles >= before + 2, 5, "the reconciles to finish")
+        await asyncio.sleep(0.8)  # longer than one more slow reconcile would take
+        assert service.reconciles == before + 2
+        assert sample(service, "pgqr_wakeups_total", source="notify") == 5
+    assert env.sim.stats("slow").connect_calls == 1
+
+
+# -- losing the LISTEN ----------------------------------------------------------------------------
+
+
+async def test_a_terminated_listener_reconnects_and_ticks_refresh_again(env: Env) -> None:
+    async with running_service(env.settings(**QUIET)) as service:
+        await settled(service)
+        assert terminate_listener(env.db) == 1
+        await wait_until(lambda: reconnects(service) == 1 and service.listening.is_set(), 5, "the reconnect")
+        await settled(service)
+        env.add("after", triggers=False)
+        tick(env)
+        await wait_until(lambda: has_qr(env, "after"), 2, "a ticked refresh after the reconnect")
+        env.add("triggered")
+        await wait_until(lambda: has_qr(env, "triggered"), 1, "a triggered refresh after the reconnect")
+
+
+async def test_an_instance_added_while_disconnected_is_refreshed_by_the_catch_up(env: Env) -> None:
+    async with running_service(env.settings(**QUIET)) as service:
+        await settled(service)
+        with env.db.connect() as conn:  # opened beforehand, so the insert fits in the reconnect delay
+            assert terminate_listener(env.db) == 1
+            await wait_until(lambda: not service.listening.is_set(), 2, "the listener to notice")
+            conn.execute("SET session_replication_role = replica")  # no trigger, no NOTIFY
+            conn.execute("INSERT INTO public.evolution_instances (instance_name, instance_token, instance_status)"
+                         " VALUES ('missed', %s, 'connecting')", (env.sim.add_instance("missed"),))
+            assert not service.listening.is_set(), "reconnected before the insert: premise broken"
+        await wait_until(lambda: service.listening.is_set(), 5, "the reconnect")
+        await wait_until(lambda: has_qr(env, "missed"), 2, "the catch-up refresh")
+    assert env.db.value("SELECT count(*) FROM pgqr.ticks") == 0
+
+
+async def test_reconnects_keep_trying_with_backoff_while_the_database_refuses(env: Env) -> None:
+    admin = env.db.server.dsn("postgres")
+    async with running_service(env.settings(**QUIET)) as service:
+        await settled(service)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{env.db.name}" WITH ALLOW_CONNECTIONS false')
+            try:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             "WHERE application_name = 'pgqr-listener' AND datname = %s", (env.db.name,))
+                await asyncio.sleep(2.0)
+                failed = reconnects(service)
+                assert not service.listening.is_set()
+                assert 2 <= failed <= 6  # capped exponential backoff: retrying, but never a hot loop
+            finally:
+                conn.execute(f'ALTER DATABASE "{env.db.name}" WITH ALLOW_CONNECTIONS true')
+        await wait_until(lambda: service.listening.is_set(), 8, "the listener to come back")
+        await settled(service)
+        env.add("back")
+        await wait_until(lambda: has_qr(env, "back"), 2, "a refresh after the outage")
+
+
+async def test_the_probe_reconnects_a_listen_that_silently_stopped(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listener, "PROBE_REPLY_SECONDS", 0.5)
+    async with running_service(env.settings(probe_seconds=0.3, **QUIET)) as service:
+        await settled(service)
+        await asyncio.sleep(1.0)  # several probes on a healthy LISTEN
+        assert reconnects(service) == 0
+        assert service.listen_conn is not None
+        await service.listen_conn.execute("UNLISTEN *")  # what a transaction pooler does behind our back
+        await wait_until(lambda: reconnects(service) == 1, 3, "the probe to notice")
+        await wait_until(lambda: service.listening.is_set(), 3, "listening again")
+        await settled(service)
+        env.add("probed", triggers=False)
+        tick(env)
+        await wait_until(lambda: has_qr(env, "probed"), 2, "a ticked refresh after the probe's reconnect")
+        assert reconnects(service) == 1
+
+
+async def test_concurrent_users_of_the_work_connection_share_one(env: Env) -> None:
+    work = listener.WorkConnection(env.db.dsn)
+    try:
+        conns = await asyncio.gather(*(work.get() for _ in range(5)))  # worker, heartbeat, webhooks at start-up
+        assert len({id(conn) for conn in conns}) == 1
+        assert env.db.value("SELECT count(*) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND application_name = 'pgqr'") == 1
+    finally:
+        await work.close()
+
+
+# -- heartbeat and shutdown -----------------------------------------------------------------------
+
+
+def heartbeat(env: Env, owner: str) -> dict[str, Any] | None:
+    rows = env.db.query("SELECT * FROM pgqr.listener_heartbeats WHERE owner = %s", (owner,))
+    return rows[0] if rows else None
+
+
+async def test_the_heartbeat_advances_and_a_stop_marks_it_and_releases_leases(env: Env) -> None:
+    env.sim.config.latency = 3.0
+    service = Service(env.settings(heartbeat_seconds=0.2, grace_seconds=0.0, **QUIET))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await wait_until(lambda: heartbeat(env, service.owner) is not None, 5, "the first heartbeat")
+    first = heartbeat(env, service.owner)
+    assert first is not None and first["pid"] == os.getpid() and first["stopped_at"] is None
+    await wait_until(lambda: heartbeat(env, service.owner)["heartbeat_at"] > first["heartbeat_at"], 2,  # type: ignore[index]
+                     "the heartbeat to advance")
+    env.add("stuck")  # its call outlives the (zero) grace period
+    await wait_until(lambda: env.row("stuck")["lease_owner"] == service.owner, 3, "the claim")
+    started = time.monotonic()
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert time.monotonic() - started < 1.5
+    last = heartbeat(env, service.owner)
+    assert last is not None and last["stopped_at"] is not None
+    assert env.db.value("SELECT count(*) FROM pgqr.instance_state WHERE lease_owner = %s", (service.owner,)) == 0
+    assert env.row("stuck")["lease_expires_at"] is None
+
+
+# -- the real command line ------------------------------------------------------------------------
+
+
+def command_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGQR_", "EVOLUTION_", "DATABASE_URL"))}
+    env.update(values)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def pgqr_run(env: dict[str, str], output: Path, *args: str) -> asyncio.subprocess.Process:
+    with output.open("wb") as out:  # a file, not a pipe: a chatty child can never block on a full pipe
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pgqr", "run", *args, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
+
+
+@pytest.fixture
+async def children() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Subprocesses a test started; killed if the test left them running."""
+    procs: list[asyncio.subprocess.Process] = []
+    yield procs
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_sigterm_finishes_the_call_in_flight_and_exits_0_within_the_grace_period(
+        env: Env, tmp_path: Path, children: list[asyncio.subprocess.Process]) -> None:
+    env.sim.config.latency = 1.0
+    env.add("inflight")
+    proc = await pgqr_run(command_env(DATABASE_URL=env.db.dsn, EVOLUTION_API_URL=env.sim.base_url,
+                                      PGQR_GRACE_SECONDS="3"), tmp_path / "out.log")
+    children.append(proc)
+    await wait_until(lambda: env.row("inflight")["lease_owner"] is not None or proc.returncode is not None, 15,
+                     "the subprocess to claim the instance")
+    owner = env.row("inflight")["lease_owner"]
+    assert owner is not None, (tmp_path / "out.log").read_text()
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    status = await asyncio.wait_for(proc.wait(), 10)
+    took = time.monotonic() - started
+    output = (tmp_path / "out.log").read_text()
+    assert status == 0, output
+    assert took < 3.0, output
+    assert [(r["outcome"], r["applied"], r["owner"]) for r in env.log("inflight")] == [("qr", True, owner)]
+    row = env.row("inflight")
+    assert row["qr_code"] is not None and row["lease_owner"] is None
+    assert env.db.value("SELECT count(*) FROM pgqr.instance_state WHERE lease_owner IS NOT NULL") == 0
+    assert env.db.value("SELECT stopped_at IS NOT NULL FROM pgqr.listener_heartbeats WHERE owner = %s", (owner,))
+
+
+async def test_no_secret_reaches_the_logs_and_every_log_line_has_an_action(
+        env: Env, tmp_path: Path, children: list[asyncio.subprocess.Process]) -> None:
+    api_key = "evo-GLOBAL-key-5f1e2d"
+    hook_secret = "hook-SECRET-9c8b7a"
+    db_password = "s3cret-pw"
+    env.sim.config.api_key = api_key
+    token = env.add("tokened", token="inst-TOKEN-4a3b2c")
+    env.add("globalkey")
+    env.add("badtoken")
+    wrong_token = "wrong-TOKEN-1d2e3f"
+    env.db.query("UPDATE public.evolution_instances SET instance_token = NULL WHERE instance_name = 'globalkey'")
+    env.db.query("UPDATE public.evolution_instances SET instance_token = %s WHERE instance_name = 'badtoken'",
+                 (wrong_token,))
+    port = free_port()
+    env.sim.config.global_webhook_url = f"http://127.0.0.1:{port}/webhooks/evolution/{hook_secret}"
+    proc = await pgqr_run(command_env(
+        DATABASE_URL=f"{env.db.dsn} password={db_password}", EVOLUTION_API_URL=env.sim.base_url,
+        EVOLUTION_API_KEY=api_key, PGQR_WEBHOOK_SECRET=hook_secret, PGQR_HTTP_PORT=str(port),
+        PGQR_GRACE_SECONDS="3"), tmp_path / "out.log", "--log-level", "DEBUG")
+    children.append(proc)
+    await wait_until(lambda: has_qr(env, "tokened") and has_qr(env, "globalkey") and env.log("badtoken"), 15,
+                     "the first reconcile")
+    env.sim.rotate("tokened")  # its webhook envelope carries the instance token as `apikey`
+    await wait_until(lambda: any(r["source"] == "webhook" and r["qr_updated"] for r in env.log("tokened")), 3,
+                     "the webhook QR")
+    async with aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{port}"
+        async with http.post(f"{base}/webhooks/evolution/{hook_secret}x", json={}) as resp:
+            assert resp.status == 404
+        async with http.get(f"{base}/metrics") as resp:
+            assert resp.status == 200
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    output = (tmp_path / "out.log").read_text()
+    for secret in (token, api_key, wrong_token, hook_secret, db_password):
+        assert secret not in output, f"a secret leaked into the output: {secret[:4]}..."
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    ours = [line for line in lines if line["logger"].startswith("pgqr")]
+    assert ours and all("action" in line for line in ours), [line for line in ours if "action" not in line]
+    actions = {line["action"] for line in ours}
+    assert {"start", "listen", "refresh", "webhook", "http", "stopped"} <= actions
+    assert any(line["action"] == "refresh" and line.get("error_class") == "unauthorized" for line in ours)
+
+
+def test_run_against_a_database_without_pgqr_exits_2_with_one_line(db: Database) -> None:
+    # the fixture's teardown cleans pg_cron's jobs, so pg_cron must exist even if nothing migrated yet
+    with psycopg.connect(db.server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+    result = run_pgqr("run", env={"DATABASE_URL": db.dsn, "EVOLUTION_API_URL": "http://127.0.0.1:9"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "pgqr: pgqr is not installed in this database: run `pgqr migrate` first"]
+    assert result.stdout == ""
+
+
+def test_run_with_a_bad_grace_period_exits_2_with_one_line() -> None:
+    dsn = "postgresql://x@127.0.0.1:1/x"
+    bad = run_pgqr("run", env={"DATABASE_URL": dsn, "PGQR_GRACE_SECONDS": "soon"})
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["pgqr: PGQR_GRACE_SECONDS must be a number, got 'soon'"]
+    negative = run_pgqr("run", "--grace-seconds", "-1", env={"DATABASE_URL": dsn})
+    assert negative.returncode == 2
+    assert negative.stderr.strip().splitlines() == ["pgqr: --grace-seconds must not be negative, got -1"]
+
+
+def test_run_on_an_http_port_in_use_exits_2_with_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_pgqr("run", env={"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "PGQR_HTTP_PORT": str(port)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"pgqr: cannot serve HTTP on 127.0.0.1:{port}: Address already in use"]
+
+
+# -- readiness and metrics ------------------------------------------------------------------------
+
+
+async def test_readyz_healthz_and_metrics_report_the_listener(env: Env) -> None:
+    async with running_service(env.settings(http_port=0, **QUIET)) as service, aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{service.http_port}"
+        await settled(service)
+        async with http.get(f"{base}/healthz") as resp:
+            assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+        async with http.get(f"{base}/readyz") as resp:
+            assert (resp.status, await resp.json()) == (200, {"ready": True, "problems": []})
+        env.add("shop")
+        await wait_until(lambda: has_qr(env, "shop"), 2, "a refresh")
+        await wait_until(lambda: sample(service, "pgqr_refreshes_total", outcome="qr", error_class="") == 1, 2,
+                         "the metrics to count it")
+        async with http.get(f"{base}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert 'pgqr_refreshes_total{error_class="",outcome="qr"} 1.0' in text
+        assert "pgqr_listening 1.0" in text
+        assert terminate_listener(env.db) == 1
+        await wait_until(lambda: not service.listening.is_set(), 2, "the listener to notice")
+        async with http.get(f"{base}/readyz") as resp:  # inside the reconnect delay (>= 0.25 s)
+            assert (resp.status, await resp.json()) == (503, {"ready": False, "problems": ["not listening"]})
+        await wait_until(lambda: service.listening.is_set(), 5, "the reconnect")
+        async with http.get(f"{base}/readyz") as resp:
+            assert resp.status == 200
