@@ -139,8 +139,11 @@ BEGIN
                FOR UPDATE;
             leased := FOUND;
         ELSE
-            -- webhooks hold no lease; the state guards below still apply
-            leased := EXISTS (SELECT 1 FROM pgqr.instance_state s WHERE s.instance_name = r.instance_name);
+            -- webhooks hold no lease; the state guards below still apply. Lock the bookkeeping row all the
+            -- same: both paths then lock instance_state before evolution_instances, so a poll write-back and a
+            -- webhook for one instance queue up instead of deadlocking.
+            PERFORM 1 FROM pgqr.instance_state s WHERE s.instance_name = r.instance_name FOR UPDATE;
+            leased := FOUND;
         END IF;
 
         IF leased AND r.outcome = 'qr' THEN

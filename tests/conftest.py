@@ -65,7 +65,8 @@ def _new_database(server: devdb.DevServer) -> Iterator[Database]:
         yield Database(server, name)
         # drop the pg_cron jobs that point at this database, or pg_cron keeps trying to run them
         with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
-            conn.execute("DELETE FROM cron.job WHERE database = %s", (name,))
+            if conn.execute("SELECT to_regclass('cron.job')").fetchone() != (None,):
+                conn.execute("DELETE FROM cron.job WHERE database = %s", (name,))
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
                 (name,),

@@ -241,9 +241,6 @@ async def test_a_webhook_qr_newer_than_a_polls_claim_survives_the_polls_late_wri
     assert [(r["source"], r["qr_updated"]) for r in env.log("shop")] == [("webhook", True), ("poll", False)]
 
 
-@pytest.mark.xfail(strict=True, raises=psycopg.errors.DeadlockDetected, reason=(
-    "pgqr.record_results locks instance_state then evolution_instances for a poll, but evolution_instances "
-    "then instance_state for a webhook: a poll on one replica and a webhook on another deadlock"))
 async def test_a_poll_write_back_and_a_webhook_for_the_same_instance_do_not_deadlock(env: Env) -> None:
     env.add("shop", sim_state=None, triggers=False)
     with env.db.connect() as conn:
