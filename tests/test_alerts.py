@@ -15,9 +15,11 @@ import psycopg
 import pytest
 from aiohttp import web
 from conftest import Database
+from service_fixtures import Env, running_service
 
 from pgqr.alerts import AlertForwarder, safe_origin
 from pgqr.devdb import free_port
+from pgqr.simulator import Simulator
 
 
 @dataclass
@@ -194,3 +196,19 @@ async def test_close_delivers_what_is_queued_within_the_grace(receiver: Receiver
 def test_safe_origin_keeps_only_scheme_host_and_port() -> None:
     assert safe_origin("https://u:p@hooks.example.com/services/T0/B0/XYZ?x=1") == "https://hooks.example.com"
     assert safe_origin("http://[::1]:9000/a") == "http://[::1]:9000"
+
+
+async def test_pgqr_run_forwards_a_firing_and_a_resolved_alert_to_the_alert_webhook(
+    quiet: Database, receiver: Receiver, simulator: Simulator
+) -> None:
+    env = Env(quiet, simulator)
+    async with running_service(env.settings(alert_webhook_url=receiver.url)):
+        env.add("waiting", sim_state=None, triggers=False)
+        quiet.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '10 minutes'")
+        quiet.query("SELECT pgqr.check_alerts()")
+        await receiver.wait_for(1)
+        quiet.query("UPDATE public.evolution_instances SET instance_status = 'connected'")
+        quiet.query("SELECT pgqr.check_alerts()")
+        await receiver.wait_for(2)
+    stale = [(a["rule"], a["state"], a["count"]) for a in receiver.received if a["rule"] == "stale_qr"]
+    assert stale == [("stale_qr", "firing", 1), ("stale_qr", "resolved", 0)]
