@@ -55,6 +55,12 @@ class Database:
         rows = self.query(sql, params)
         return next(iter(rows[0].values())) if rows else None
 
+    def pause_cron(self) -> None:
+        """Deactivate pg_cron's jobs for this database, so no real tick or alert run races a test."""
+        with psycopg.connect(self.server.dsn("postgres"), autocommit=True) as conn:
+            conn.execute("UPDATE cron.job SET active = false WHERE database = %s OR jobname LIKE %s",
+                         (self.name, f"%@{self.name}"))
+
 
 def _new_database(server: devdb.DevServer) -> Iterator[Database]:
     name = f"pgqr_t{os.getpid()}_{next(_counter)}"
@@ -84,6 +90,13 @@ def migrated(db: Database) -> Database:
     """A database with pgqr installed."""
     migrations.migrate(db.dsn)
     return db
+
+
+@pytest.fixture
+def quiet(migrated: Database) -> Database:
+    """A database with pgqr installed and its pg_cron jobs inactive."""
+    migrated.pause_cron()
+    return migrated
 
 
 def run_pgqr(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -91,6 +91,17 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 5.0, what
     return time.monotonic() - started
 
 
+async def settled(service: Service) -> int:
+    """Wait until the start-up and catch-up reconciles are over, so no poll explains what follows;
+    returns the reconcile count."""
+    await wait_until(lambda: service.reconciles >= 1 and not service.wake.is_set(), 10, "the start-up reconcile")
+    while True:
+        before = service.reconciles
+        await asyncio.sleep(0.3)
+        if service.reconciles == before and not service.wake.is_set():
+            return before
+
+
 @asynccontextmanager
 async def running_service(settings: Settings) -> AsyncIterator[Service]:
     """A Service in this event loop, listening; stopped (gracefully) on exit."""

@@ -6,8 +6,10 @@ Registered as a plugin by tests/conftest.py (`pytest_plugins = ["sim_fixtures"]`
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
+from aiohttp import web
 
 from pgqr.evolution import EvolutionClient
 from pgqr.simulator import SimConfig, Simulator
@@ -32,3 +34,17 @@ async def simulator() -> AsyncIterator[Simulator]:
 async def evolution_client() -> AsyncIterator[EvolutionClient]:
     async with EvolutionClient(timeout=2) as client:
         yield client
+
+
+@asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Serve a small aiohttp app on a free loopback port; yields its base URL."""
+    runner = web.AppRunner(app, shutdown_timeout=0.2, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()

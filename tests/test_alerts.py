@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from conftest import Database
 from service_fixtures import Env, running_service
+from sim_fixtures import serve
 
 from pgqr.alerts import AlertForwarder, safe_origin
 from pgqr.devdb import free_port
@@ -61,23 +62,10 @@ async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/hooks/{secret}", rec.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.url = f"http://127.0.0.1:{port}/hooks/s3cr3t-path?token=q-s3cr3t"
-    yield rec
-    rec.released.set()
-    await runner.cleanup()
-
-
-@pytest.fixture
-def quiet(migrated: Database) -> Database:
-    """A migrated database whose pg_cron jobs are inactive, so no real tick or alert run races a test."""
-    with psycopg.connect(migrated.server.dsn("postgres"), autocommit=True) as conn:
-        conn.execute("UPDATE cron.job SET active = false WHERE jobname LIKE %s", (f"%@{migrated.name}",))
-    return migrated
+    async with serve(app) as base_url:
+        rec.url = f"{base_url}/hooks/s3cr3t-path?token=q-s3cr3t"
+        yield rec
+        rec.released.set()
 
 
 async def test_a_real_listen_connection_forwards_exactly_one_firing_and_one_resolved(

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+from sim_fixtures import serve
 
 from pgqr.evolution import (
     Connected,
@@ -235,13 +236,8 @@ async def canned_url() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/instance/connect/{name}", reply)
-    runner = web.AppRunner(app, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield f"http://{host}:{port}"
-    await runner.cleanup()
+    async with serve(app) as base_url:
+        yield base_url
 
 
 @pytest.mark.parametrize(

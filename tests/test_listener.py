@@ -18,7 +18,7 @@ import aiohttp
 import psycopg
 import pytest
 from conftest import Database, run_pgqr
-from service_fixtures import Env, running_service, wait_until
+from service_fixtures import Env, running_service, settled, wait_until
 
 from pgqr import listener
 from pgqr.listener import Service
@@ -33,8 +33,7 @@ def no_cron_ticks(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
         return
     env: Env = request.getfixturevalue("env")
-    with psycopg.connect(env.db.server.dsn("postgres"), autocommit=True) as conn:
-        conn.execute("UPDATE cron.job SET active = false WHERE database = %s", (env.db.name,))
+    env.db.pause_cron()
     yield
 
 
@@ -44,16 +43,6 @@ def sample(service: Service, name: str, **labels: str) -> float:
 
 def reconnects(service: Service) -> float:
     return sample(service, "pgqr_listener_reconnects_total")
-
-
-async def settled(service: Service) -> int:
-    """Wait until the start-up and catch-up reconciles are over; returns the reconcile count."""
-    await wait_until(lambda: service.reconciles >= 1 and not service.wake.is_set(), 10, "the start-up reconcile")
-    while True:
-        before = service.reconciles
-        await asyncio.sleep(0.3)
-        if service.reconciles == before and not service.wake.is_set():
-            return before
 
 
 def has_qr(env: Env, name: str) -> bool:

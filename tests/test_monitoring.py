@@ -16,15 +16,6 @@ from pgqr import devdb, migrations
 VIEWS = ("instance_health", "cron_runs", "refresh_stats", "listeners")
 
 
-@pytest.fixture
-def quiet(migrated: Database) -> Database:
-    """A migrated database whose pg_cron jobs are inactive, so no real tick or alert run races a test."""
-    with psycopg.connect(migrated.server.dsn("postgres"), autocommit=True) as conn:
-        conn.execute("UPDATE cron.job SET active = false WHERE database = %s OR jobname LIKE %s",
-                     (migrated.name, f"%@{migrated.name}"))
-    return migrated
-
-
 def installed_long_ago(db: Database) -> None:
     """Move pgqr's installation an hour back: the first-evaluation grace is over."""
     db.query("UPDATE pgqr.migrations SET applied_at = now() - interval '1 hour'")

@@ -127,7 +127,7 @@ def test_doctor_reports_a_failed_last_job_run(migrated: Database) -> None:
     with psycopg.connect(migrated.server.dsn("postgres"), autocommit=True) as conn:
         # A real run at a minute boundary would be newer than the failure: stop real runs, and date the
         # failure after any run pg_cron may still start before it notices.
-        conn.execute("UPDATE cron.job SET active = false WHERE database = %s", (migrated.name,))
+        migrated.pause_cron()
         conn.execute(
             """INSERT INTO cron.job_run_details (jobid, runid, database, username, command, status,
                                                  return_message, start_time, end_time)

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from sim_fixtures import serve
 
 from pgqr.simulator import Simulator, WebhookDelivery
 
@@ -38,14 +39,9 @@ async def receiver() -> AsyncIterator[Receiver]:
 
     app = web.Application()
     app.router.add_post("/{tail:.*}", record)
-    runner = web.AppRunner(app, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    box.url = f"http://{host}:{port}/hooks/evo"
-    yield box
-    await runner.cleanup()
+    async with serve(app) as base_url:
+        box.url = f"{base_url}/hooks/evo"
+        yield box
 
 
 async def api(

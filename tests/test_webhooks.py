@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
-from service_fixtures import Env, notifications, running_service, wait_until
+from service_fixtures import Env, notifications, running_service, settled, wait_until
 
 from pgqr.listener import Service
 from pgqr.simulator import WebhookDelivery
@@ -28,23 +28,12 @@ def hook_url(service: Service, secret: str = SECRET) -> str:
 @pytest.fixture
 async def hooked(env: Env) -> AsyncIterator[Service]:
     """A listener with webhooks on, the simulator's global webhook pointing at it, and pg_cron paused."""
-    with psycopg.connect(env.db.server.dsn("postgres"), autocommit=True) as conn:
-        conn.execute("UPDATE cron.job SET active = false WHERE database = %s", (env.db.name,))
+    env.db.pause_cron()
     settings = env.settings(http_port=0, webhook_secret=SECRET, fallback_seconds=3600.0)
     async with running_service(settings) as service:
         env.sim.config.global_webhook_url = hook_url(service)
         await settled(service)
         yield service
-
-
-async def settled(service: Service) -> None:
-    """Wait until the start-up and catch-up reconciles are over, so no poll explains what follows."""
-    await wait_until(lambda: service.reconciles >= 1 and not service.wake.is_set(), 10, "the start-up reconcile")
-    while True:
-        before = service.reconciles
-        await asyncio.sleep(0.3)
-        if service.reconciles == before and not service.wake.is_set():
-            return
 
 
 async def post(url: str, body: Any = None, *, data: bytes | None = None) -> tuple[int, Any]:
