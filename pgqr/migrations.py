@@ -14,8 +14,8 @@ from importlib import resources
 from pathlib import Path
 
 import pglast
-from pglast import ast
 import psycopg
+from pglast import ast
 from psycopg.conninfo import make_conninfo
 
 # One lock for every pgqr migrate against this database, whichever process runs it.
