@@ -165,11 +165,10 @@ def set_active(settings: Settings, active: bool) -> int:
 # ------------------------------------------------------------------------------------------- uninstall
 
 # DDL that cannot live in a pgqr function: it removes the schema such a function would be in.
-# The triggers go first and explicitly: they are pgqr's only objects on the application's table, and writes
-# to evolution_instances would fail if one outlived its function.
+# The trigger goes first and explicitly: it is pgqr's only object on the application's table, and writes
+# to evolution_instances would fail if it outlived its function.
 _DROP = (
     "DROP TRIGGER IF EXISTS pgqr_instance_change ON public.evolution_instances",
-    "DROP TRIGGER IF EXISTS pgqr_connecting_since ON public.evolution_instances",
     "DROP SCHEMA IF EXISTS pgqr CASCADE",
 )
 

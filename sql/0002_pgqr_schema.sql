@@ -36,7 +36,11 @@ CREATE TABLE pgqr.instance_state (
     next_attempt_at      timestamptz,
     lease_owner          text,
     lease_expires_at     timestamptz,
-    qr_count             integer
+    qr_count             integer,
+    -- since when the instance has been waiting for a QR: when pgqr first saw it, and again whenever it turns
+    -- connecting. The stale_qr alert measures from this or the last QR, whichever is later (an adopted table
+    -- may have no created_at, and an instance switched back to connecting keeps its old last_qr_update).
+    connecting_since     timestamptz NOT NULL DEFAULT now()
 );
 
 -- Append-only: one row per refresh attempt or webhook event.

@@ -21,7 +21,7 @@ END
 $$;
 
 -- An instance that becomes 'connecting' needs its first QR now, not at the next minute: wake the
--- listeners, and forget any backoff left from an earlier attempt (the user asked again).
+-- listeners, forget any backoff left from an earlier attempt (the user asked again), and start its wait.
 CREATE FUNCTION pgqr.on_instance_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -30,7 +30,7 @@ BEGIN
     IF NEW.instance_status = 'connecting'
        AND (TG_OP = 'INSERT' OR OLD.instance_status IS DISTINCT FROM 'connecting') THEN
         UPDATE pgqr.instance_state
-           SET consecutive_failures = 0, next_attempt_at = NULL
+           SET consecutive_failures = 0, next_attempt_at = NULL, connecting_since = now()
          WHERE instance_name = NEW.instance_name;
         PERFORM pg_notify('pgqr_refresh', json_build_object(
             'instance_id', NEW.id, 'instance_name', NEW.instance_name, 'reason', 'connecting')::text);

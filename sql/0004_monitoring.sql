@@ -25,28 +25,6 @@ INSERT INTO pgqr.settings (key, value, description) VALUES
      'pgqr.housekeeping() deletes refresh_log, ticks, resolved alerts and gone listeners older than this.')
 ON CONFLICT (key) DO NOTHING;
 
--- Since when an instance has been waiting for a QR: set when pgqr first sees it (the bookkeeping row's
--- default) and again whenever it turns connecting. An adopted evolution_instances may have no created_at,
--- and an instance switched back to connecting keeps its old last_qr_update; this column covers both, so the
--- stale_qr alert measures from whichever of the two is later.
-ALTER TABLE pgqr.instance_state ADD COLUMN connecting_since timestamptz NOT NULL DEFAULT now();
-
-CREATE FUNCTION pgqr.on_connecting() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE pgqr.instance_state SET connecting_since = now() WHERE instance_name = NEW.instance_name;
-    RETURN NULL;
-END
-$$;
-
--- Fires before pgqr_instance_change (triggers run in name order); when the bookkeeping row does not exist
--- yet, that trigger creates it, and the column default gives the same answer.
-CREATE TRIGGER pgqr_connecting_since
-    AFTER UPDATE OF instance_status ON public.evolution_instances
-    FOR EACH ROW
-    WHEN (NEW.instance_status = 'connecting' AND OLD.instance_status IS DISTINCT FROM 'connecting')
-    EXECUTE FUNCTION pgqr.on_connecting();
-
 -- One row per instance: where its QR refresh stands.
 CREATE VIEW pgqr.instance_health AS
 SELECT i.id                                   AS instance_id,
