@@ -26,14 +26,13 @@ INSTANCES = ["acme-store", "bakery-hq", "clinic-front"]
 MISSING = "ghost-shop"
 QR_TTL = 20.0  # faster than Evolution's 45 s, so rotation shows within a minute
 
+# What a psql user sees: the monitoring view, trimmed to what changes during the demo.
 TABLE_SQL = """
-SELECT e.instance_name, e.instance_status,
-       CASE WHEN e.instance_status = 'connecting'
-            THEN extract(epoch FROM now() - e.last_qr_update)::integer END AS qr_age,
-       s.last_outcome, s.last_error_class, s.qr_count, left(md5(e.qr_code), 8) AS qr
-FROM public.evolution_instances e
-LEFT JOIN pgqr.instance_state s ON s.instance_name = e.instance_name
-ORDER BY e.instance_name
+SELECT instance_name, status,
+       CASE WHEN status = 'connecting' THEN extract(epoch FROM qr_age)::integer END AS qr_age,
+       last_outcome, last_error_class, consecutive_failures, last_qr_update
+FROM pgqr.instance_health
+ORDER BY instance_name
 """
 
 
@@ -110,15 +109,15 @@ async def _show(conn: psycopg.AsyncConnection[tuple[object, ...]], stop: asyncio
 
 
 def _render(rows: list[tuple[object, ...]]) -> str:
-    header = ("instance", "status", "QR age", "last outcome", "error", "QR #", "QR")
+    header = ("instance", "status", "QR age", "last outcome", "error", "failures")
     cells = [header] + [
-        (str(n), str(st), "-" if age is None else f"{age}s", str(o or "-"), str(e or "-"), str(c or "-"),
-         str(q or "-"))
-        for n, st, age, o, e, c, q in rows
+        (str(n), str(st), "-" if age is None else f"{age}s", str(o or "-"), str(e or "-"), str(f))
+        for n, st, age, o, e, f, _ in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells)
 
 
 def _without_ages(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
+    """What counts as a change: everything but the ticking age (a new QR changes last_qr_update)."""
     return [row[:2] + row[3:] for row in rows]
