@@ -161,10 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except config.ConfigError as exc:
-        print(f"pgqr: {exc}", file=sys.stderr)
-        return 2
-    except migrations.ConfigurationError as exc:
+    except (config.ConfigError, migrations.ConfigurationError) as exc:
         print(f"pgqr: {exc}", file=sys.stderr)
         return 2
     except migrations.MigrationError as exc:
@@ -172,10 +169,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except psycopg.OperationalError as exc:
         # connection failures: libpq's first line names host and port, never the password
-        print(f"pgqr: cannot reach the database: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"pgqr: cannot reach the database: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:
+        # e.g. permission denied: the server's message, one line
+        print(f"pgqr: database error: {_first_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

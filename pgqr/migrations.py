@@ -103,10 +103,8 @@ class CronSetup:
 
 def cron_setup(conn: psycopg.Connection[tuple[object, ...]]) -> CronSetup:
     """Check pg_cron is usable; raise ConfigurationError with what to set otherwise. Changes nothing."""
-    preload = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
-    libraries = [x.strip().strip('"') for x in str(preload[0] if preload else "").split(",")]
     app_db = str(conn.info.dbname)
-    if "pg_cron" not in libraries:
+    if not _pg_cron_loaded(conn):
         raise ConfigurationError(
             "pg_cron is not loaded: set shared_preload_libraries = 'pg_cron' and "
             f"cron.database_name = '{app_db}' in postgresql.conf, then restart PostgreSQL "
@@ -115,6 +113,18 @@ def cron_setup(conn: psycopg.Connection[tuple[object, ...]]) -> CronSetup:
     row = conn.execute("SELECT current_setting('cron.database_name', true)").fetchone()
     cron_db = str(row[0]) if row and row[0] else "postgres"
     return CronSetup(app_database=app_db, cron_database=cron_db)
+
+
+def _pg_cron_loaded(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    try:
+        row = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        # pg_cron's own settings (cron.database_name) are just as hidden, so there is no other way to look
+        raise ConfigurationError(
+            f"role {conn.info.user} cannot check pg_cron's settings: run pgqr migrate as a superuser, or "
+            f"GRANT pg_read_all_settings TO {conn.info.user}"
+        ) from None
+    return "pg_cron" in [x.strip().strip('"') for x in str(row[0] if row else "").split(",")]
 
 
 def cron_conninfo(dsn: str, setup: CronSetup) -> str:

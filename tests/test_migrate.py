@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import Database, run_pgqr
+from psycopg.conninfo import make_conninfo
 
 from pgqr import devdb, migrations
 
@@ -191,3 +192,21 @@ def test_the_wheel_ships_the_migrations_and_migrates_without_the_repository(db: 
     )
     assert result.returncode == 0, result.stderr
     assert db.value("SELECT count(*) FROM pgqr.migrations") == len(VERSIONS)
+
+
+def test_roles_without_privileges_get_one_line_saying_what_to_grant(db: Database) -> None:
+    role = f"weak_{db.name}"
+    db.query(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        env = {"DATABASE_URL": make_conninfo(db.dsn, user=role)}
+        result = run_pgqr("migrate", env=env)
+        assert result.returncode == 2
+        assert result.stderr == (f"pgqr: role {role} cannot check pg_cron's settings: run pgqr migrate as a "
+                                 f"superuser, or GRANT pg_read_all_settings TO {role}\n")
+        db.query(f'GRANT pg_read_all_settings TO "{role}"')
+        result = run_pgqr("migrate", env=env)  # now it gets as far as creating the schema
+        assert result.returncode == 1
+        assert result.stderr.startswith("pgqr: database error: permission denied") and result.stderr.count("\n") == 1
+        assert db.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqr'") == 0
+    finally:
+        db.query(f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
