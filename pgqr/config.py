@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from yarl import URL
 
 
 class ConfigError(ValueError):
@@ -19,7 +20,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     database_url: str = field(repr=False)
-    evolution_api_url: str | None = None
+    # URLs can carry credentials (user:password@host, a token in the path), so they stay out of repr() too
+    evolution_api_url: str | None = field(default=None, repr=False)
     evolution_api_key: str | None = field(default=None, repr=False)
     concurrency: int = 16
     http_timeout: float = 8.0
@@ -33,7 +35,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     webhook_secret: str | None = field(default=None, repr=False)
-    alert_webhook_url: str | None = None
+    alert_webhook_url: str | None = field(default=None, repr=False)
 
 
 # (flag attribute, environment variable, parser); flags win over the environment.
@@ -58,16 +60,15 @@ def _parse(kind: str, name: str, raw: str) -> object:
     if kind == "dsn":
         return check_dsn(raw, name)
     if kind == "url":
-        parts = urlsplit(raw)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"{name} must be an http(s) URL, like http://localhost:8080")
-        return raw.rstrip("/")
+        return check_url(raw, name)
     if kind == "str":
         return raw
     try:
         number: float = float(raw) if kind.endswith("float") else int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if kind == "port" and not 0 <= number <= 65535:
         raise ConfigError(f"{name} must be a TCP port (0-65535), got {raw}")
     if kind.startswith("pos") and number <= 0:
@@ -75,6 +76,18 @@ def _parse(kind: str, name: str, raw: str) -> object:
     if kind.startswith("nonneg") and number < 0:
         raise ConfigError(f"{name} must not be negative, got {raw}")
     return number
+
+
+def check_url(raw: str, name: str) -> str:
+    """An http(s) URL with a host and a valid port. The message never echoes it (it may hold credentials)."""
+    try:
+        url = URL(raw)
+        valid = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise ConfigError(f"{name} must be an http(s) URL, like http://localhost:8080")
+    return raw.rstrip("/")
 
 
 def check_dsn(raw: str, name: str = "DATABASE_URL") -> str:

@@ -51,6 +51,21 @@ class Result:
         return doc
 
 
+def storable(*values: str | None) -> bool:
+    """Whether PostgreSQL text can hold these strings: no NUL, no lone surrogate (JSON can carry both, and
+    one such string would fail the whole batched write-back)."""
+    for value in values:
+        if value is None:
+            continue
+        if "\x00" in value:
+            return False
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class Recorded:
     instance_name: str
@@ -84,10 +99,20 @@ async def record_results(conn: AsyncConn, owner: str, results: list[Result]) -> 
         return await cur.fetchall()
 
 
-async def claim_batch(conn: AsyncConn) -> int:
-    cur = await conn.execute("SELECT pgqr.setting('claim_batch')::integer")
+async def claim_limits(conn: AsyncConn) -> tuple[int, float]:
+    """(claim_batch, lease_seconds) from pgqr.settings."""
+    cur = await conn.execute(
+        "SELECT pgqr.setting('claim_batch')::integer, pgqr.setting('lease_seconds')::float8")
     row = await cur.fetchone()
-    return int(row[0]) if row and row[0] else 500
+    assert row is not None
+    return int(row[0]), float(row[1])
+
+
+async def tick_seconds(conn: AsyncConn) -> float:
+    """The tick period `pgqr schedule` set, in seconds."""
+    cur = await conn.execute("SELECT extract(epoch FROM pgqr.setting('tick_every')::interval)::float8")
+    row = await cur.fetchone()
+    return float(row[0]) if row and row[0] else 60.0
 
 
 async def heartbeat(conn: AsyncConn, owner: str, host: str, pid: int, version: str) -> None:

@@ -44,9 +44,10 @@ ErrorClass = Literal[
     "server_error",
     "timeout",
     "network",
-    # never returned by the client: the reconcile loop's own class for an instance it cannot call
-    # (no base URL or no key configured)
+    # an instance that cannot be called: no or a malformed base URL, no key
     "config",
+    # never returned by the client: the reconcile loop's class for a bug it caught around one call
+    "internal",
 ]
 
 
@@ -295,6 +296,9 @@ class EvolutionClient:
             return _fail("timeout", None, f"no complete reply within {self._timeout_s:g}s", transient=True)
         except aiohttp.ClientError as exc:
             return _fail("network", None, _network_detail(exc), transient=True)
+        except ValueError:
+            # yarl/aiohttp reject a malformed base URL (a row's evolution_url, say) only when it is used
+            return _fail("config", None, "the Evolution base URL is not a valid URL")
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
         """Read the body in chunks, stopping as soon as it passes the cap."""

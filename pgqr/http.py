@@ -12,6 +12,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
@@ -27,7 +28,7 @@ SERVICE: web.AppKey[Service] = web.AppKey("service")
 
 def result_from_webhook(body: Any) -> db.Result | None:
     """Map an Evolution webhook envelope to the write path's record; None for events we do not use."""
-    if not isinstance(body, dict) or not isinstance(body.get("instance"), str):
+    if not isinstance(body, dict) or not isinstance(body.get("instance"), str) or not db.storable(body["instance"]):
         return None
     event = str(body.get("event", "")).lower().replace("_", ".")
     raw_data = body.get("data")
@@ -36,9 +37,10 @@ def result_from_webhook(body: Any) -> db.Result | None:
     if event == "qrcode.updated":
         qrcode = data.get("qrcode")
         if isinstance(qrcode, dict) and isinstance(qrcode.get("base64"), str) and qrcode["base64"]:
-            pairing = qrcode.get("pairingCode")
-            return db.Result(name, "webhook", "qr", qr=qrcode["base64"],
-                             pairing_code=pairing if isinstance(pairing, str) else None)
+            pairing = qrcode.get("pairingCode") if isinstance(qrcode.get("pairingCode"), str) else None
+            if not db.storable(qrcode["base64"], pairing):
+                return db.Result(name, "webhook", "event", error_class="bad_reply")
+            return db.Result(name, "webhook", "qr", qr=qrcode["base64"], pairing_code=pairing)
         # "QR code limit reached, please login again": Evolution stopped rotating; the next poll restarts it
         return db.Result(name, "webhook", "event", error_class="qr_limit")
     if event == "connection.update":
@@ -65,7 +67,13 @@ async def webhook(request: web.Request) -> web.Response:
     result = result_from_webhook(body)
     if result is None:
         return web.json_response({"ignored": event})
-    recorded = await db.record_results(await service.work.get(), service.owner, [result])
+    try:
+        recorded = await db.record_results(await service.work.get(), service.owner, [result])
+    except (psycopg.Error, OSError) as exc:
+        # Evolution retries a 5xx with backoff, so nothing is lost while the database is away
+        log.warning("webhook %s for %s not recorded: %s", event, result.instance_name, type(exc).__name__,
+                    extra={"action": "webhook_error", "event": event, "instance": result.instance_name})
+        return web.json_response({"error": "database unavailable"}, status=503)
     applied = bool(recorded and recorded[0].applied)
     log.info("webhook %s for %s", event, result.instance_name,
              extra={"action": "webhook", "event": event, "instance": result.instance_name, "applied": applied})
@@ -121,8 +129,9 @@ def make_app(service: Service) -> web.Application:
 
 
 async def start(service: Service, host: str, port: int) -> web.AppRunner:
+    # shutdown_timeout: webhook requests in flight at exit get this long, not aiohttp's default minute
     runner = web.AppRunner(make_app(service), access_log_class=RedactingAccessLogger,
-                           access_log=logging.getLogger("pgqr.http.access"))
+                           access_log=logging.getLogger("pgqr.http.access"), shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -251,6 +251,7 @@ def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: boo
             return out
         _lock(conn)
         try:
+            plan(conn, migrations)  # refuses a newer database before anything is created
             ensure_extension(dsn, setup)
             conn.execute(BOOTSTRAP.encode())
             done = []

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -65,6 +66,9 @@ def to_result(claimed: db.Claimed, reply: Reply) -> db.Result:
         "claimed_at": claimed.claimed_at,
     }
     outcome = reply.outcome
+    if isinstance(outcome, QrCode) and not db.storable(outcome.base64, outcome.pairing_code):
+        return db.Result(outcome="failed", http_status=outcome.http_status, error_class="bad_reply",
+                         transient=False, **common)
     if isinstance(outcome, QrCode):
         unchanged = hashlib.md5(outcome.base64.encode()).hexdigest() == claimed.qr_md5
         return db.Result(
@@ -89,12 +93,13 @@ class Reconciler:
         self.client = client
         self.owner = owner
 
-    async def run(self, conn: db.AsyncConn) -> Summary:
-        """Refresh every due instance once; loops over claim batches until none is left."""
+    async def run(self, conn: db.AsyncConn, should_stop: Callable[[], bool] = lambda: False) -> Summary:
+        """Refresh every due instance once; loops over claim batches until none is left, or until
+        should_stop() says the process is shutting down (the batch in flight still completes)."""
         summary = Summary([])
         horizon = await db.refresh_horizon(conn)
-        batch = await db.claim_batch(conn)
-        while True:
+        batch = self.batch_size(*await db.claim_limits(conn))
+        while not should_stop():
             claimed = await db.claim(conn, self.owner, batch, horizon)
             if not claimed:
                 break
@@ -102,6 +107,12 @@ class Reconciler:
             if len(claimed) < batch:
                 break
         return summary
+
+    def batch_size(self, claim_batch: int, lease_seconds: float) -> int:
+        """No more than the calls that surely finish within the lease: a claimed instance waits for a
+        free connection slot, and a lease that runs out before its call lets another replica call too."""
+        waves = max(1, int(lease_seconds // (self.settings.http_timeout * 1.5)))
+        return max(1, min(claim_batch, self.settings.concurrency * waves))
 
     async def _refresh(self, conn: db.AsyncConn, claimed: list[db.Claimed]) -> list[InstanceResult]:
         replies = await asyncio.gather(*(self._call(c) for c in claimed))
@@ -134,14 +145,21 @@ class Reconciler:
     async def _call(self, claimed: db.Claimed) -> Reply:
         base = claimed.evolution_url or self.settings.evolution_api_url
         key = claimed.instance_token or self.settings.evolution_api_key
-        # an instance we cannot even call: name the missing setting (never a value)
+        # an instance we cannot even call: name the missing setting (never a value). Transient: the usual
+        # short backoff, so fixing the setting and restarting takes effect within minutes, not half an hour.
         if not base:
             missing = "no evolution_url on the row and EVOLUTION_API_URL unset"
-            return Reply(Failure("config", False, None, missing), 0.0)
+            return Reply(Failure("config", True, None, missing), 0.0)
         if not key:
             missing = "no instance_token on the row and EVOLUTION_API_KEY unset"
-            return Reply(Failure("config", False, None, missing), 0.0)
-        return await self.client.connect(base, claimed.instance_name, key)
+            return Reply(Failure("config", True, None, missing), 0.0)
+        try:
+            return await self.client.connect(base, claimed.instance_name, key)
+        except Exception:
+            # the client returns every reply class as a value; anything else is a bug, and it must cost
+            # this one instance a retry, not the whole batch its write-back
+            log.exception("refreshing %s crashed", claimed.instance_name, extra={"action": "refresh_error"})
+            return Reply(Failure("internal", True, None, "unexpected error (see the listener's log)"), 0.0)
 
 
 def owner_id() -> str:

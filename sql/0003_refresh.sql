@@ -30,7 +30,7 @@ BEGIN
     IF NEW.instance_status = 'connecting'
        AND (TG_OP = 'INSERT' OR OLD.instance_status IS DISTINCT FROM 'connecting') THEN
         UPDATE pgqr.instance_state
-           SET consecutive_failures = 0, next_attempt_at = NULL, connecting_since = now()
+           SET consecutive_failures = 0, next_attempt_at = NULL, last_attempt_at = NULL, connecting_since = now()
          WHERE instance_name = NEW.instance_name;
         PERFORM pg_notify('pgqr_refresh', json_build_object(
             'instance_id', NEW.id, 'instance_name', NEW.instance_name, 'reason', 'connecting')::text);
@@ -100,7 +100,8 @@ LANGUAGE sql VOLATILE AS $$
     SELECT make_interval(secs => CASE
         WHEN transient THEN
             -- exponential, capped, with jitter in [50%, 100%] so replicas and instances spread out
-            least(pgqr.setting('backoff_base_seconds')::float8 * 2 ^ greatest(failures - 1, 0),
+            -- (the exponent is capped so that years of failures cannot overflow the power)
+            least(pgqr.setting('backoff_base_seconds')::float8 * 2 ^ least(greatest(failures - 1, 0), 30),
                   pgqr.setting('backoff_max_seconds')::float8) * (0.5 + random() / 2)
         ELSE pgqr.setting('permanent_backoff_seconds')::float8
     END)
@@ -130,18 +131,23 @@ BEGIN
         SELECT * FROM jsonb_to_recordset(results) AS x(
             instance_name text, source text, outcome text, qr text, pairing_code text, qr_count integer,
             http_status integer, latency_ms real, error_class text, transient boolean, claimed_at timestamptz)
+        ORDER BY x.instance_name
     LOOP
         changed := false;
         v_status := NULL;
+        -- Lock order, the same everywhere: the app's row, then its bookkeeping row (pgqr_instance_change
+        -- fires inside the app's UPDATE and so takes them in that order too), and instances by name. A poll
+        -- write-back, a webhook and the app's own writes then queue up instead of deadlocking.
+        PERFORM 1 FROM public.evolution_instances e WHERE e.instance_name = r.instance_name FOR UPDATE;
         IF r.source = 'poll' THEN
+            -- An expired lease that nobody has claimed again still counts: the result is then still the
+            -- newest truth. Once another listener claims the row, the owner changes and this write is dropped.
             PERFORM 1 FROM pgqr.instance_state s
              WHERE s.instance_name = r.instance_name AND s.lease_owner = writer
                FOR UPDATE;
             leased := FOUND;
         ELSE
-            -- webhooks hold no lease; the state guards below still apply. Lock the bookkeeping row all the
-            -- same: both paths then lock instance_state before evolution_instances, so a poll write-back and a
-            -- webhook for one instance queue up instead of deadlocking.
+            -- webhooks hold no lease; the state guards below still apply
             PERFORM 1 FROM pgqr.instance_state s WHERE s.instance_name = r.instance_name FOR UPDATE;
             leased := FOUND;
         END IF;
