@@ -118,7 +118,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgqr", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="pgqr",
+        description="Keeps Evolution API (WhatsApp) QR codes fresh from PostgreSQL. "
+                    "Exit status: 0 ok, 1 failure, 2 usage or configuration error.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("migrate", help="apply pending SQL migrations and schedule pgqr's pg_cron jobs")
