@@ -1,10 +1,17 @@
-"""Forward `pgqr_alert` notifications to an HTTP endpoint (PGQR_ALERT_WEBHOOK_URL).
+"""Deliver alert transitions from pgqr.alert_deliveries to an HTTP endpoint (PGQR_ALERT_WEBHOOK_URL).
 
-The listener calls `submit(notify.payload)` for each notification; delivery happens in the forwarder's own
-task, with retries and exponential backoff with jitter, from a bounded queue that drops the oldest alert
-when full. So a slow, failing or unreachable alert endpoint costs the refresh loop one deque append, never
-a wait. Logs show the endpoint as scheme://host:port only: webhook URLs often carry their secret in the
-user info, the path (Slack, Teams) or the query string.
+The table is the truth and NOTIFY pgqr_alert only a wake-up: the listener calls `wake()` on each pgqr_alert
+notification and after every (re)connect, and the forwarder's own task then claims undelivered transitions
+with pgqr.claim_alert_deliveries() (SKIP LOCKED plus a lease: two replicas never both get one), POSTs the
+payload stored on the row, with retries and exponential backoff with jitter, and reports back with
+pgqr.finish_alert_delivery(). A notification's payload is never sent, so a forged NOTIFY delivers nothing.
+It also looks on a timer, so a transition whose NOTIFY nobody heard, or a delivery whose round failed, goes
+out later without a wake-up. `wake()` is one Event.set(): a slow, failing or unreachable alert endpoint
+costs the refresh loop nothing. Logs show the endpoint as scheme://host:port only: webhook URLs often carry
+their secret in the user info, the path (Slack, Teams) or the query string.
+
+Exactly once, with one exception: an endpoint that accepted a POST whose acknowledgement never reached the
+database (the connection died right then, for longer than our retries) gets it again when the lease runs out.
 """
 
 from __future__ import annotations
@@ -14,17 +21,40 @@ import contextlib
 import json
 import logging
 import random
-from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
+import psycopg
+from psycopg.rows import class_row
 
-__all__ = ["AlertForwarder", "safe_origin"]
+__all__ = ["AlertForwarder", "Delivery", "safe_origin"]
 
 logger = logging.getLogger("pgqr.alerts")
 
 # Backoff cap: an endpoint down for minutes should not hold one alert for longer than the next evaluation.
 MAX_DELAY = 60.0
+RELEASE_SECONDS = 5.0
+
+Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
+Outcome = Literal["delivered", "failed", "released"]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One claimed transition, as pgqr.claim_alert_deliveries() returns it."""
+
+    id: int
+    rule: str
+    state: str
+    attempts: int
+    payload: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"{self.rule}/{self.state}"
 
 
 def safe_origin(url: str) -> str:
@@ -40,86 +70,82 @@ def safe_origin(url: str) -> str:
     return f"{parts.scheme}://{host}{port}"
 
 
-def _body(payload: str) -> tuple[bytes, str]:
-    """The JSON body to POST and a short label (rule/state) for logs. Non-JSON text is wrapped, not lost."""
-    try:
-        parsed = json.loads(payload)
-    except ValueError:
-        return json.dumps({"payload": payload}).encode(), "unparsed"
-    if not isinstance(parsed, dict):
-        return payload.encode(), "unlabelled"
-    return payload.encode(), f"{parsed.get('rule', '?')}/{parsed.get('state', '?')}"
+async def claim(conn: psycopg.AsyncConnection[Any], owner: str, limit: int) -> list[Delivery]:
+    async with conn.cursor(row_factory=class_row(Delivery)) as cur:
+        await cur.execute("SELECT * FROM pgqr.claim_alert_deliveries(%s, %s)", (owner, limit))
+        return await cur.fetchall()
+
+
+async def finish(conn: psycopg.AsyncConnection[Any], delivery_id: int, owner: str, outcome: Outcome,
+                 error: str | None = None) -> bool:
+    cur = await conn.execute("SELECT pgqr.finish_alert_delivery(%s, %s, %s, %s)",
+                             (delivery_id, owner, outcome, error))
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def next_due_in(conn: psycopg.AsyncConnection[Any]) -> float | None:
+    cur = await conn.execute("SELECT pgqr.next_alert_delivery_in()")
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else float(row[0])
 
 
 class AlertForwarder:
-    """POST each submitted alert payload as JSON to `url`, in the background.
+    """Claim undelivered alert transitions through `connect()` as `owner` and POST them as JSON to `url`.
 
-    Counters: `delivered` (2xx), `failed` (gave up: retries exhausted, a 4xx that retrying will not fix, or
-    cut off by close()), `dropped` (never attempted: pushed out of a full queue, or still queued at close).
+    Counters: `delivered` (2xx), `failed` (a delivery round that gave up: retries exhausted or a 4xx that
+    retrying will not fix; the database schedules the next round, see pgqr.finish_alert_delivery).
+    Claims one delivery at a time, so the database lease (alert_delivery_lease, 2 minutes) covers the
+    worst case of one round: max_attempts * timeout plus the backoff delays (5 * 5 s + 15 s by default).
     """
 
     def __init__(
         self,
         url: str,
+        connect: Connect,
+        owner: str,
         *,
         max_attempts: int = 5,
         base_delay: float = 1.0,
         timeout: float = 5.0,
-        queue_size: int = 100,
+        poll_seconds: float = 90.0,
     ) -> None:
         if urlsplit(url).scheme not in ("http", "https"):
             raise ValueError("the alert webhook URL must be http(s)")
-        if max_attempts < 1 or queue_size < 1 or base_delay < 0 or timeout <= 0:
-            raise ValueError("max_attempts and queue_size must be >= 1, base_delay >= 0, timeout > 0")
+        if max_attempts < 1 or base_delay < 0 or timeout <= 0 or poll_seconds <= 0:
+            raise ValueError("max_attempts must be >= 1, base_delay >= 0, timeout and poll_seconds > 0")
         self._url = url
         self._origin = safe_origin(url)
-        self._max_attempts = max_attempts
-        self._base_delay = base_delay
+        self._connect = connect
+        self._owner = owner
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
         self._timeout = timeout
-        self._queue: deque[str] = deque()
-        self._queue_size = queue_size
+        self._poll_seconds = poll_seconds
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
+        self._held: Delivery | None = None  # claimed, not yet finished
+        self._held_outcome: tuple[Outcome, str | None] = ("released", None)  # what close() reports for it
+        self._db_failures = 0
         self.delivered = 0
         self.failed = 0
-        self.dropped = 0
 
-    @property
-    def pending(self) -> int:
-        """Alerts queued and not yet attempted."""
-        return len(self._queue)
-
-    def submit(self, payload: str) -> None:
-        """Queue one alert. Never blocks, never raises; when the queue is full the oldest alert is dropped."""
-        try:
-            if self._closing:
-                self.dropped += 1
-                return
-            if len(self._queue) >= self._queue_size:
-                self._queue.popleft()
-                self.dropped += 1
-                # a storm of alerts must not become a storm of log lines (or slow this call down)
-                if self.dropped % 100 == 1:
-                    logger.warning(
-                        "alert queue full, dropping the oldest alerts",
-                        extra={"action": "alert_dropped", "target": self._origin, "dropped": self.dropped},
-                    )
-            self._queue.append(payload)
-            self._wakeup.set()
-        except Exception:  # the caller is the refresh loop: an alert problem must never reach it
-            logger.exception("could not queue an alert", extra={"action": "alert_submit_error"})
+    def wake(self) -> None:
+        """Look for undelivered alerts soon. Never blocks, never raises; wake-ups coalesce."""
+        self._wakeup.set()
 
     async def start(self) -> None:
-        """Start the delivery task (idempotent). Alerts submitted before start() wait in the queue."""
+        """Start the delivery task (idempotent); it looks once at start."""
         if self._task is not None:
             return
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+        self._wakeup.set()
         self._task = asyncio.create_task(self._run(), name="pgqr-alert-forwarder")
 
     async def close(self, grace: float = 5.0) -> None:
-        """Stop taking alerts, try to deliver what is queued for up to `grace` seconds, then stop."""
+        """Stop claiming; let a delivery in flight finish for up to `grace` seconds, else give its claim back."""
         self._closing = True
         self._wakeup.set()
         task, self._task = self._task, None
@@ -130,58 +156,94 @@ class AlertForwarder:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._queue:
-            self.dropped += len(self._queue)
-            logger.warning(
-                "alert forwarder closed with alerts undelivered",
-                extra={"action": "alert_dropped", "target": self._origin, "count": len(self._queue)},
-            )
-            self._queue.clear()
+        held, self._held = self._held, None
+        if held is not None:
+            # without this, the delivery would wait for its lease to run out before another replica takes it
+            # bounded: a database that does not answer must not hold the exit (the lease expires anyway)
+            with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+                await asyncio.wait_for(self._finish(held, *self._held_outcome), RELEASE_SECONDS)
         session, self._session = self._session, None
         if session is not None:
             await session.close()
 
     async def _run(self) -> None:
-        while True:
-            while self._queue:
-                await self._deliver(self._queue.popleft())
+        while not self._closing:
+            self._wakeup.clear()  # before the pass: a wake-up during it schedules exactly one more
+            sleep = await self._pass()
             if self._closing:
                 return
-            # No await between the emptiness check and clear(): submit() cannot slip in unseen.
-            self._wakeup.clear()
-            await self._wakeup.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=sleep)
 
-    async def _deliver(self, payload: str) -> None:
-        body, label = _body(payload)
+    async def _pass(self) -> float:
+        """Deliver until nothing is claimable; returns how long to sleep before looking again."""
         try:
-            for attempt in range(1, self._max_attempts + 1):
-                reason, retry = await self._post(body)
-                if reason is None:
-                    self.delivered += 1
-                    logger.info(
-                        "alert delivered",
-                        extra={"action": "alert_delivered", "target": self._origin, "alert": label,
-                               "attempt": attempt},
-                    )
-                    return
-                if not retry or attempt == self._max_attempts:
+            while not self._closing:
+                claimed = await claim(await self._connect(), self._owner, 1)
+                if not claimed:
                     break
-                delay = min(self._base_delay * 2 ** (attempt - 1), MAX_DELAY) * random.uniform(0.5, 1.0)
-                logger.info(
-                    "alert delivery failed, retrying",
-                    extra={"action": "alert_retry", "target": self._origin, "alert": label,
-                           "attempt": attempt, "reason": reason, "delay": round(delay, 2)},
-                )
-                await asyncio.sleep(delay)
-            self.failed += 1
+                self._held, self._held_outcome = claimed[0], ("released", None)
+                self._held_outcome = await self._deliver(claimed[0])
+                await self._finish(claimed[0], *self._held_outcome)
+            due = None if self._closing else await next_due_in(await self._connect())
+        except (psycopg.Error, OSError) as exc:
+            # the database is away: the rows wait there; retry with a capped backoff
+            self._db_failures += 1
+            delay = min(self._poll_seconds, 0.5 * 2.0 ** min(self._db_failures, 10)) * random.uniform(0.5, 1.0)
             logger.warning(
-                "alert not delivered",
-                extra={"action": "alert_failed", "target": self._origin, "alert": label,
-                       "attempts": attempt, "reason": reason},
+                "alert delivery could not reach the database (%s); retrying in %.1fs", type(exc).__name__, delay,
+                extra={"action": "alert_db_error", "delay_s": round(delay, 2)},
             )
-        except asyncio.CancelledError:
-            self.failed += 1
-            raise
+            return delay
+        self._db_failures = 0
+        return self._poll_seconds if due is None else min(max(due, 0.05), self._poll_seconds)
+
+    async def _finish(self, delivery: Delivery, outcome: Outcome, reason: str | None) -> None:
+        """Report back, retrying briefly: a delivered alert not marked delivered is sent again later."""
+        for attempt in range(3):
+            try:
+                if not await finish(await self._connect(), delivery.id, self._owner, outcome, reason):
+                    logger.warning(
+                        "alert delivery lease lost before it was finished",
+                        extra={"action": "alert_lease_lost", "alert": delivery.label, "outcome": outcome},
+                    )
+                if self._held is delivery:
+                    self._held = None
+                return
+            except (psycopg.Error, OSError):
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _deliver(self, delivery: Delivery) -> tuple[Outcome, str | None]:
+        body = json.dumps(delivery.payload).encode()
+        reason: str | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            reason, retry = await self._post(body)
+            if reason is None:
+                self.delivered += 1
+                logger.info(
+                    "alert delivered",
+                    extra={"action": "alert_delivered", "target": self._origin, "alert": delivery.label,
+                           "attempt": attempt},
+                )
+                return "delivered", None
+            if not retry or attempt == self.max_attempts or self._closing:
+                break
+            delay = min(self.base_delay * 2 ** (attempt - 1), MAX_DELAY) * random.uniform(0.5, 1.0)
+            logger.info(
+                "alert delivery failed, retrying",
+                extra={"action": "alert_retry", "target": self._origin, "alert": delivery.label,
+                       "attempt": attempt, "reason": reason, "delay": round(delay, 2)},
+            )
+            await asyncio.sleep(delay)
+        self.failed += 1
+        logger.warning(
+            "alert not delivered",
+            extra={"action": "alert_failed", "target": self._origin, "alert": delivery.label,
+                   "attempts": attempt, "reason": reason, "round": delivery.attempts},
+        )
+        return "failed", reason
 
     async def _post(self, body: bytes) -> tuple[str | None, bool]:
         """(None, _) when delivered, else (reason, worth retrying). The reason never holds the URL."""

@@ -89,7 +89,10 @@ class Service:
         self.work = WorkConnection(settings.database_url)
         self.wake = asyncio.Event()
         self.listening = asyncio.Event()  # set while a LISTEN connection is healthy
-        self.alerts = AlertForwarder(settings.alert_webhook_url) if settings.alert_webhook_url else None
+        # delivers from pgqr.alert_deliveries over the work connection, never from a NOTIFY payload
+        self.alerts = AlertForwarder(
+            settings.alert_webhook_url, self.work.get, self.owner, poll_seconds=settings.fallback_seconds,
+        ) if settings.alert_webhook_url else None
         self.reconciles = 0
         self.stopping = False
         self.http_port: int | None = None
@@ -114,6 +117,8 @@ class Service:
                     backoff.reset()
                     self.listening.set()
                     self.wake.set()  # LISTEN first, then catch up on whatever we missed
+                    if self.alerts is not None:
+                        self.alerts.wake()  # alert transitions notified while we were not listening
                     log.info("listening", extra={"action": "listen", "channels": REFRESH_CHANNEL})
                     await self._receive(conn)
             except (psycopg.Error, OSError, ListenStalled) as exc:
@@ -150,7 +155,7 @@ class Service:
             self.wake.set()
         elif notify.channel == ALERT_CHANNEL:
             if self.alerts is not None:
-                self.alerts.submit(notify.payload)
+                self.alerts.wake()  # the payload is a hint only: anyone with CONNECT can NOTIFY
         elif notify.channel == PROBE_CHANNEL and notify.payload == self._probe_token:
             self._probe_seen.set()
 

@@ -1,13 +1,13 @@
-"""AlertForwarder: pgqr_alert notifications from a real LISTEN connection, POSTed to a real HTTP receiver."""
+"""Alert delivery: transitions queued in pgqr.alert_deliveries by check_alerts(), claimed by AlertForwarder
+(alone, side by side, inside `pgqr run`) and POSTed to a real HTTP receiver on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +15,10 @@ import psycopg
 import pytest
 from aiohttp import web
 from conftest import Database
-from service_fixtures import Env, running_service
+from service_fixtures import Env, running_service, settled, wait_until
 from sim_fixtures import serve
 
+from pgqr import migrations
 from pgqr.alerts import AlertForwarder, safe_origin
 from pgqr.devdb import free_port
 from pgqr.simulator import Simulator
@@ -68,97 +69,222 @@ async def receiver() -> AsyncIterator[Receiver]:
         rec.released.set()
 
 
-async def test_a_real_listen_connection_forwards_exactly_one_firing_and_one_resolved(
-    quiet: Database, receiver: Receiver
+
+Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
+
+
+@pytest.fixture
+async def connect(quiet: Database) -> AsyncIterator[Connect]:
+    """What the listener hands the forwarder: a coroutine returning its work connection."""
+    conn = await psycopg.AsyncConnection.connect(quiet.dsn, autocommit=True)
+
+    async def get() -> psycopg.AsyncConnection[Any]:
+        return conn
+
+    yield get
+    await conn.close()
+
+
+def make_stale(db: Database, name: str = "alpha") -> None:
+    """A connecting instance without a QR for 10 minutes: stale_qr fires at the next check."""
+    db.query("INSERT INTO public.evolution_instances (instance_name) VALUES (%s)", (name,))
+    db.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '10 minutes'")
+
+
+def fire(db: Database) -> None:
+    make_stale(db)
+    db.query("SELECT * FROM pgqr.check_alerts()")
+
+
+def resolve(db: Database) -> None:
+    db.query("UPDATE public.evolution_instances SET last_qr_update = now()")
+    db.query("SELECT * FROM pgqr.check_alerts()")
+
+
+def deliveries(db: Database) -> list[dict[str, Any]]:
+    return db.query("SELECT rule, state, attempts, delivered_at IS NOT NULL AS delivered, given_up_at IS NOT NULL "
+                    "AS given_up, lease_owner, last_error FROM pgqr.alert_deliveries ORDER BY id")
+
+
+def stale_qr(received: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    return [(a["rule"], a["state"], a["count"]) for a in received if a["rule"] == "stale_qr"]
+
+
+# ------------------------------------------------------------------------------------------ the outbox in SQL
+
+
+def test_each_transition_is_queued_once_and_a_resolved_waits_for_its_firing(quiet: Database) -> None:
+    fire(quiet)
+    quiet.query("SELECT * FROM pgqr.check_alerts()")  # nothing changed: nothing queued
+    resolve(quiet)
+    assert [(d["rule"], d["state"]) for d in deliveries(quiet)] == [("stale_qr", "firing"), ("stale_qr", "resolved")]
+    first = quiet.query("SELECT * FROM pgqr.claim_alert_deliveries('r1', 10)")
+    assert [(c["state"], c["attempts"]) for c in first] == [("firing", 1)]
+    assert first[0]["payload"]["count"] == 1 and "alpha" in first[0]["payload"]["detail"]
+    assert set(first[0]["payload"]) == {"rule", "state", "count", "detail", "database", "at"}
+    assert quiet.query("SELECT * FROM pgqr.claim_alert_deliveries('r2', 10)") == []  # leased, and in order
+    assert quiet.value("SELECT pgqr.finish_alert_delivery(%s, 'r2', 'delivered')", (first[0]["id"],)) is False
+    assert quiet.value("SELECT pgqr.finish_alert_delivery(%s, 'r1', 'delivered')", (first[0]["id"],)) is True
+    second = quiet.query("SELECT * FROM pgqr.claim_alert_deliveries('r2', 10)")
+    assert [(c["state"], c["payload"]["count"]) for c in second] == [("resolved", 0)]
+
+
+def test_alerts_that_existed_before_the_migration_are_not_delivered(db: Database) -> None:
+    before = [m for m in migrations.load() if m.version < 6]
+    migrations.migrate(db.dsn, before)
+    db.pause_cron()
+    make_stale(db)
+    db.query("SELECT * FROM pgqr.check_alerts()")
+    migrations.migrate(db.dsn)
+    assert db.query("SELECT * FROM pgqr.claim_alert_deliveries('r1', 10)") == []
+    resolve(db)  # a transition after the migration is delivered
+    assert [c["state"] for c in db.query("SELECT * FROM pgqr.claim_alert_deliveries('r1', 10)")] == ["resolved"]
+
+
+def test_housekeeping_keeps_a_resolved_alert_until_its_delivery_is_done(quiet: Database) -> None:
+    fire(quiet)
+    resolve(quiet)
+    quiet.query("UPDATE pgqr.alerts SET resolved_at = now() - interval '30 days', "
+                "fired_at = now() - interval '31 days'")
+    quiet.query("SELECT * FROM pgqr.housekeeping()")
+    assert quiet.value("SELECT count(*) FROM pgqr.alerts") == 1
+    quiet.query("UPDATE pgqr.alert_deliveries SET delivered_at = now()")
+    quiet.query("SELECT * FROM pgqr.housekeeping()")
+    assert quiet.value("SELECT count(*) FROM pgqr.alerts") == 0
+    assert quiet.value("SELECT count(*) FROM pgqr.alert_deliveries") == 0
+
+
+# ------------------------------------------------------------------------------------------- the forwarder
+
+
+async def test_two_forwarders_on_one_database_post_each_transition_exactly_once(
+    quiet: Database, receiver: Receiver, connect: Connect
 ) -> None:
-    forwarder = AlertForwarder(receiver.url, base_delay=0.01)
-    await forwarder.start()
-    listen = await psycopg.AsyncConnection.connect(quiet.dsn, autocommit=True)
-    await listen.execute("LISTEN pgqr_alert")
+    other = await psycopg.AsyncConnection.connect(quiet.dsn, autocommit=True)
 
-    async def pump() -> None:  # what the listener does with each pgqr_alert notification
-        async for notify in listen.notifies():
-            forwarder.submit(notify.payload)
+    async def connect_other() -> psycopg.AsyncConnection[Any]:
+        return other
 
-    pumping = asyncio.create_task(pump())
+    forwarders = [AlertForwarder(receiver.url, connect, "one", base_delay=0.01),
+                  AlertForwarder(receiver.url, connect_other, "two", base_delay=0.01)]
     try:
-        quiet.query("INSERT INTO public.evolution_instances (instance_name) VALUES ('alpha')")
-        quiet.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '10 minutes'")
-        quiet.query("SELECT * FROM pgqr.check_alerts()")
-        quiet.query("SELECT * FROM pgqr.check_alerts()")  # nothing changed: no second "firing"
-        quiet.query("UPDATE public.evolution_instances SET last_qr_update = now()")
-        quiet.query("SELECT * FROM pgqr.check_alerts()")
-        quiet.query("SELECT * FROM pgqr.check_alerts()")
+        for f in forwarders:
+            await f.start()
+        fire(quiet)
+        for _ in range(20):
+            for f in forwarders:
+                f.wake()
+            await asyncio.sleep(0)
+        resolve(quiet)
+        for f in forwarders:
+            f.wake()
         await receiver.wait_for(2)
         await asyncio.sleep(0.2)  # room for a wrong third delivery to show up
     finally:
-        pumping.cancel()
-        await listen.close()
-        await forwarder.close(grace=1)
-    assert [(a["rule"], a["state"], a["count"]) for a in receiver.received] == [
-        ("stale_qr", "firing", 1), ("stale_qr", "resolved", 0)]
+        for f in forwarders:
+            await f.close(grace=1)
+        await other.close()
+    assert stale_qr(receiver.received) == [("stale_qr", "firing", 1), ("stale_qr", "resolved", 0)]
     assert "alpha" in receiver.received[0]["detail"]
     assert receiver.content_types == ["application/json", "application/json"]
-    assert (forwarder.delivered, forwarder.failed, forwarder.dropped) == (2, 0, 0)
+    assert sum(f.delivered for f in forwarders) == 2
+    assert [(d["delivered"], d["lease_owner"]) for d in deliveries(quiet)] == [(True, None), (True, None)]
 
 
-async def test_submit_never_blocks_or_raises_when_the_endpoint_hangs(receiver: Receiver) -> None:
+async def test_a_hanging_endpoint_never_holds_the_loop_and_close_gives_the_claim_back(
+    quiet: Database, receiver: Receiver, connect: Connect
+) -> None:
     receiver.delay = 5.0
-    forwarder = AlertForwarder(receiver.url, timeout=0.2, max_attempts=3, base_delay=0.05, queue_size=10)
+    forwarder = AlertForwarder(receiver.url, connect, "one", timeout=2, base_delay=0.05)
     await forwarder.start()
+    fire(quiet)
     started = time.monotonic()
-    for i in range(1000):
-        forwarder.submit(json.dumps({"rule": "stale_qr", "state": "firing", "count": i}))
-    forwarder.submit("not json at all")
-    submit_seconds = time.monotonic() - started
-    # the loop stays free while the endpoint hangs: other work runs on time
+    for _ in range(1000):
+        forwarder.wake()
+    wake_seconds = time.monotonic() - started
+    await wait_until(lambda: receiver.content_types, what="the POST to start")
     tick = time.monotonic()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the loop stays free while the endpoint hangs: other work runs on time
     loop_lag = time.monotonic() - tick - 0.05
     closing = time.monotonic()
     await forwarder.close(grace=0.3)
     close_seconds = time.monotonic() - closing
-    assert submit_seconds < 0.1 and loop_lag < 0.05
-    assert close_seconds < 1.0
+    assert wake_seconds < 0.1 and loop_lag < 0.05 and close_seconds < 1.0
     assert forwarder.delivered == 0
-    assert forwarder.dropped >= 991  # 1001 submitted into a queue of 10
-    assert forwarder.dropped + forwarder.failed == 1001
+    # given back, not counted: another replica (or the next start) takes it at once
+    assert [(d["attempts"], d["lease_owner"], d["delivered"]) for d in deliveries(quiet)] == [(0, None, False)]
+    assert quiet.query("SELECT state FROM pgqr.claim_alert_deliveries('next', 10)") == [{"state": "firing"}]
 
 
-async def test_a_failing_endpoint_is_retried_with_backoff_until_it_accepts(receiver: Receiver) -> None:
+async def test_a_failing_endpoint_is_retried_with_backoff_until_it_accepts(
+    quiet: Database, receiver: Receiver, connect: Connect
+) -> None:
     receiver.replies = [503, 500]
-    forwarder = AlertForwarder(receiver.url, base_delay=0.05)
+    forwarder = AlertForwarder(receiver.url, connect, "one", base_delay=0.05)
     await forwarder.start()
     started = time.monotonic()
-    forwarder.submit('{"rule": "no_listener", "state": "firing", "count": 0, "detail": "d"}')
+    fire(quiet)
+    forwarder.wake()
     await receiver.wait_for(1)
     elapsed = time.monotonic() - started
     await forwarder.close()
-    assert receiver.received == [{"rule": "no_listener", "state": "firing", "count": 0, "detail": "d"}]
+    assert stale_qr(receiver.received) == [("stale_qr", "firing", 1)]
     assert len(receiver.content_types) == 3
     assert elapsed >= 0.05 * 0.5 + 0.1 * 0.5  # two jittered backoff delays
     assert (forwarder.delivered, forwarder.failed) == (1, 0)
+    assert [(d["attempts"], d["delivered"]) for d in deliveries(quiet)] == [(1, True)]
 
 
-async def test_a_client_error_reply_is_not_retried(receiver: Receiver) -> None:
-    receiver.replies = [400]
-    forwarder = AlertForwarder(receiver.url, base_delay=0.01)
+async def test_a_failed_round_is_released_and_the_next_round_delivers_it_once(
+    quiet: Database, receiver: Receiver, connect: Connect
+) -> None:
+    quiet.query("UPDATE pgqr.settings SET value = '0.2 seconds' WHERE key = 'alert_delivery_retry_after'")
+    receiver.replies = [400]  # not retried within the round; the database schedules another
+    forwarder = AlertForwarder(receiver.url, connect, "one", base_delay=0.01)
     await forwarder.start()
-    forwarder.submit('{"rule": "stale_qr", "state": "firing"}')
-    await forwarder.close(grace=2)
-    assert len(receiver.content_types) == 1
-    assert (forwarder.delivered, forwarder.failed, forwarder.dropped) == (0, 1, 0)
+    fire(quiet)
+    forwarder.wake()
+    await wait_until(lambda: deliveries(quiet)[0]["last_error"], what="the failed round")
+    assert (deliveries(quiet)[0]["lease_owner"], len(receiver.content_types)) == (None, 1)
+    await receiver.wait_for(1)  # no wake-up: the forwarder looks again when the retry is due
+    await asyncio.sleep(0.2)
+    await forwarder.close()
+    assert stale_qr(receiver.received) == [("stale_qr", "firing", 1)]
+    assert (forwarder.delivered, forwarder.failed) == (1, 1)
+    assert [(d["attempts"], d["delivered"]) for d in deliveries(quiet)] == [(2, True)]
+
+
+async def test_a_delivery_is_given_up_after_the_attempt_cap_and_no_longer_blocks_its_rule(
+    quiet: Database, receiver: Receiver, connect: Connect
+) -> None:
+    quiet.query("UPDATE pgqr.settings SET value = '0 seconds' WHERE key = 'alert_delivery_retry_after'")
+    quiet.query("UPDATE pgqr.settings SET value = '2' WHERE key = 'alert_delivery_max_attempts'")
+    receiver.replies = [400, 400]
+    forwarder = AlertForwarder(receiver.url, connect, "one", base_delay=0.01)
+    await forwarder.start()
+    fire(quiet)
+    resolve(quiet)
+    forwarder.wake()
+    await receiver.wait_for(1)
+    await asyncio.sleep(0.2)
+    await forwarder.close()
+    assert stale_qr(receiver.received) == [("stale_qr", "resolved", 0)]
+    rows = deliveries(quiet)
+    assert [(d["state"], d["attempts"], d["given_up"], d["delivered"]) for d in rows] == [
+        ("firing", 2, True, False), ("resolved", 1, False, True)]
+    assert rows[0]["last_error"] == "HTTP 400"
 
 
 async def test_an_unreachable_endpoint_gives_up_and_never_logs_the_urls_secrets(
-    caplog: pytest.LogCaptureFixture,
+    quiet: Database, connect: Connect, caplog: pytest.LogCaptureFixture,
 ) -> None:
     port = free_port()  # nothing listens there
     url = f"http://alerts:pa55w0rd@127.0.0.1:{port}/hooks/s3cr3t-path?token=q-s3cr3t"
-    forwarder = AlertForwarder(url, max_attempts=2, base_delay=0.01, timeout=1)
+    forwarder = AlertForwarder(url, connect, "one", max_attempts=2, base_delay=0.01, timeout=1)
     caplog.set_level(logging.DEBUG, logger="pgqr.alerts")
+    fire(quiet)
     await forwarder.start()
-    forwarder.submit('{"rule": "stale_qr", "state": "firing"}')
+    await wait_until(lambda: forwarder.failed, what="the round to fail")
     await forwarder.close(grace=3)
     assert (forwarder.delivered, forwarder.failed) == (0, 1)
     records = [r for r in caplog.records if r.name == "pgqr.alerts"]
@@ -167,18 +293,7 @@ async def test_an_unreachable_endpoint_gives_up_and_never_logs_the_urls_secrets(
     for secret in ("pa55w0rd", "s3cr3t-path", "q-s3cr3t", "alerts:"):
         assert secret not in text
     assert f"http://127.0.0.1:{port}" in text
-
-
-async def test_close_delivers_what_is_queued_within_the_grace(receiver: Receiver) -> None:
-    forwarder = AlertForwarder(receiver.url)
-    for rule in ("stale_qr", "no_listener", "ticks_not_firing"):
-        forwarder.submit(json.dumps({"rule": rule, "state": "firing"}))
-    await forwarder.start()
-    await forwarder.close(grace=5)
-    assert [a["rule"] for a in receiver.received] == ["stale_qr", "no_listener", "ticks_not_firing"]
-    assert forwarder.delivered == 3
-    forwarder.submit('{"rule": "late"}')  # after close: counted, not raised
-    assert forwarder.dropped == 1
+    assert quiet.value("SELECT last_error FROM pgqr.alert_deliveries") == "ClientConnectorError"
 
 
 def test_safe_origin_keeps_only_scheme_host_and_port() -> None:
@@ -198,5 +313,89 @@ async def test_pgqr_run_forwards_a_firing_and_a_resolved_alert_to_the_alert_webh
         quiet.query("UPDATE public.evolution_instances SET instance_status = 'connected'")
         quiet.query("SELECT pgqr.check_alerts()")
         await receiver.wait_for(2)
-    stale = [(a["rule"], a["state"], a["count"]) for a in receiver.received if a["rule"] == "stale_qr"]
-    assert stale == [("stale_qr", "firing", 1), ("stale_qr", "resolved", 0)]
+    assert stale_qr(receiver.received) == [("stale_qr", "firing", 1), ("stale_qr", "resolved", 0)]
+
+
+async def test_two_replicas_of_pgqr_run_deliver_one_firing_and_one_resolved(
+    quiet: Database, receiver: Receiver, simulator: Simulator
+) -> None:
+    env = Env(quiet, simulator)
+    settings = env.settings(alert_webhook_url=receiver.url)
+    async with running_service(settings), running_service(settings):
+        env.add("waiting", sim_state=None, triggers=False)
+        quiet.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '10 minutes'")
+        quiet.query("SELECT pgqr.check_alerts()")
+        await receiver.wait_for(1)
+        quiet.query("UPDATE public.evolution_instances SET instance_status = 'connected'")
+        quiet.query("SELECT pgqr.check_alerts()")
+        await receiver.wait_for(2)
+        await asyncio.sleep(0.3)  # room for a duplicate to show up
+    assert stale_qr(receiver.received) == [("stale_qr", "firing", 1), ("stale_qr", "resolved", 0)]
+    assert len(receiver.content_types) == len(receiver.received)  # every POST was a first one
+
+
+async def test_no_listener_fired_while_none_ran_is_delivered_when_one_starts(
+    quiet: Database, receiver: Receiver, simulator: Simulator
+) -> None:
+    quiet.query("UPDATE pgqr.migrations SET applied_at = now() - interval '1 hour'")  # no grace left
+    quiet.query("SELECT * FROM pgqr.check_alerts()")  # its NOTIFY reaches nobody
+    env = Env(quiet, simulator)
+    async with running_service(env.settings(alert_webhook_url=receiver.url)):
+        await wait_until(lambda: quiet.value("SELECT count(*) FROM pgqr.listeners WHERE live"), what="a heartbeat")
+        quiet.query("SELECT * FROM pgqr.check_alerts()")
+        await wait_until(lambda: ("no_listener", "resolved") in [(a["rule"], a["state"]) for a in receiver.received],
+                         what="the resolved no_listener")
+        await asyncio.sleep(0.2)
+    rules = [(a["rule"], a["state"]) for a in receiver.received]
+    assert [r for r in rules if r[0] == "no_listener"] == [("no_listener", "firing"), ("no_listener", "resolved")]
+    assert len(rules) == len(set(rules))  # the others (pg_cron is paused: ticks_not_firing) once each too
+
+
+async def test_a_database_error_while_claiming_is_retried(
+    quiet: Database, receiver: Receiver, connect: Connect
+) -> None:
+    calls = 0
+
+    async def flaky() -> psycopg.AsyncConnection[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise psycopg.OperationalError("connection refused")
+        return await connect()
+
+    fire(quiet)
+    forwarder = AlertForwarder(receiver.url, flaky, "one")
+    await forwarder.start()
+    await receiver.wait_for(1)
+    await forwarder.close()
+    assert stale_qr(receiver.received) == [("stale_qr", "firing", 1)]
+
+
+async def test_a_forged_pgqr_alert_notification_delivers_nothing(
+    quiet: Database, receiver: Receiver, simulator: Simulator
+) -> None:
+    env = Env(quiet, simulator)
+    async with running_service(env.settings(alert_webhook_url=receiver.url)) as service:
+        await settled(service)
+        quiet.query("""NOTIFY pgqr_alert, '{"rule": "fake", "state": "firing", "detail": "pay me"}'""")
+        quiet.query("SELECT pg_notify('pgqr_alert', 'not json')")
+        await asyncio.sleep(0.5)
+    assert receiver.content_types == [] and receiver.received == []
+
+
+async def test_an_endpoint_failing_then_recovering_gets_the_alert_once(
+    quiet: Database, receiver: Receiver, simulator: Simulator
+) -> None:
+    env = Env(quiet, simulator)
+    receiver.replies = [503, 502]
+    async with running_service(env.settings(alert_webhook_url=receiver.url)) as service:
+        assert service.alerts is not None
+        service.alerts.base_delay = 0.05
+        env.add("waiting", sim_state=None, triggers=False)
+        quiet.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '10 minutes'")
+        quiet.query("SELECT pgqr.check_alerts()")
+        await receiver.wait_for(1)
+        await asyncio.sleep(0.3)
+    assert stale_qr(receiver.received) == [("stale_qr", "firing", 1)]
+    assert len(receiver.content_types) == 3
+    assert [(d["attempts"], d["delivered"]) for d in deliveries(quiet)] == [(1, True)]
