@@ -14,6 +14,7 @@ import random
 import secrets
 import socket
 import time
+from typing import Any
 
 import psycopg
 
@@ -30,6 +31,11 @@ REFRESH_CHANNEL = "pgqr_refresh"
 ALERT_CHANNEL = "pgqr_alert"
 PROBE_CHANNEL = "pgqr_probe"
 PROBE_REPLY_SECONDS = 5.0
+FINAL_WRITES_SECONDS = 5.0
+# A half-open TCP connection (peer gone, no RST) must fail in about a minute, not the kernel's ~15.
+CONNECT_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+}
 
 
 class ListenStalled(Exception):
@@ -65,7 +71,7 @@ class WorkConnection:
         async with self._opening:
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = await psycopg.AsyncConnection.connect(
-                    self.dsn, autocommit=True, application_name="pgqr")
+                    self.dsn, autocommit=True, application_name="pgqr", **CONNECT_OPTIONS)
             return self._conn
 
     async def close(self) -> None:
@@ -95,6 +101,7 @@ class Service:
         ) if settings.alert_webhook_url else None
         self.reconciles = 0
         self.stopping = False
+        self.fallback_seconds = settings.fallback_seconds
         self.http_port: int | None = None
         self.listen_conn: db.AsyncConn | None = None  # the current LISTEN connection, for diagnostics
         self.last_reconcile_ok: bool | None = None
@@ -109,7 +116,8 @@ class Service:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.settings.database_url, autocommit=True, application_name="pgqr-listener"
+                    self.settings.database_url, autocommit=True, application_name="pgqr-listener",
+                    **CONNECT_OPTIONS,
                 ) as conn:
                     self.listen_conn = conn
                     for channel in (REFRESH_CHANNEL, ALERT_CHANNEL, PROBE_CHANNEL):
@@ -121,13 +129,16 @@ class Service:
                         self.alerts.wake()  # alert transitions notified while we were not listening
                     log.info("listening", extra={"action": "listen", "channels": REFRESH_CHANNEL})
                     await self._receive(conn)
-            except (psycopg.Error, OSError, ListenStalled) as exc:
+            except Exception as exc:
+                # whatever broke (the connection, the probe, a bug), listening stops only with the process
                 self.listening.clear()
                 self.metrics.reconnects.inc()
                 delay = backoff.next_delay()
-                log.warning(
+                expected = isinstance(exc, psycopg.Error | OSError | ListenStalled | TimeoutError)
+                log.log(
+                    logging.WARNING if expected else logging.ERROR,
                     "listener connection lost (%s); reconnecting in %.1fs", _describe(exc), delay,
-                    extra={"action": "reconnect", "delay_s": round(delay, 2)},
+                    exc_info=not expected, extra={"action": "reconnect", "delay_s": round(delay, 2)},
                 )
                 await asyncio.sleep(delay)
 
@@ -142,7 +153,7 @@ class Service:
         token = secrets.token_hex(8)
         self._probe_token = token
         self._probe_seen.clear()
-        await db.notify(conn, PROBE_CHANNEL, token)
+        await asyncio.wait_for(db.notify(conn, PROBE_CHANNEL, token), PROBE_REPLY_SECONDS)
         async for notify in conn.notifies(timeout=PROBE_REPLY_SECONDS):
             self._dispatch(notify)
             if self._probe_seen.is_set():
@@ -165,7 +176,7 @@ class Service:
         self.wake.set()  # start-up
         while not self.stopping:
             try:
-                await asyncio.wait_for(self.wake.wait(), timeout=self.settings.fallback_seconds)
+                await asyncio.wait_for(self.wake.wait(), timeout=self.fallback_seconds)
             except TimeoutError:
                 self.metrics.wakeups.labels("fallback").inc()
             if self.stopping:
@@ -183,7 +194,9 @@ class Service:
     async def reconcile_once(self) -> bool:
         started = time.perf_counter()
         try:
-            summary = await self.reconciler.run(await self.work.get())
+            conn = await self.work.get()
+            summary = await self.reconciler.run(conn, should_stop=lambda: self.stopping)
+            await self._follow_tick_period(conn)
         except (psycopg.Error, OSError) as exc:
             self.last_reconcile_ok = False
             log.error("reconcile failed: %s", _describe(exc), extra={"action": "reconcile_error"})
@@ -203,12 +216,20 @@ class Service:
             )
         return True
 
+    async def _follow_tick_period(self, conn: db.AsyncConn) -> None:
+        """Keep the fallback timer a little longer than the cron period, which `pgqr schedule` may change."""
+        tick = await db.tick_seconds(conn)
+        self.fallback_seconds = max(self.settings.fallback_seconds, 1.5 * tick) if tick > 60 else \
+            self.settings.fallback_seconds
+
     async def heartbeat_forever(self) -> None:
+        """Say we are alive, but only while we are: a listener without a working LISTEN is not."""
         host, pid = socket.gethostname(), os.getpid()
         while True:
+            await self.listening.wait()
             try:
                 await db.heartbeat(await self.work.get(), self.owner, host, pid, __version__)
-            except (psycopg.Error, OSError) as exc:
+            except Exception as exc:
                 log.warning("heartbeat failed: %s", _describe(exc), extra={"action": "heartbeat_error"})
             await asyncio.sleep(self.settings.heartbeat_seconds)
 
@@ -217,12 +238,12 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set; then stop taking work, let in-flight calls finish within the grace
         period, give back our leases and mark this listener stopped."""
-        if self.alerts is not None:
-            await self.alerts.start()
         runner = None
-        if self.settings.http_port is not None:
+        if self.settings.http_port is not None:  # first: a port in use then leaves nothing else open
             runner = await http.start(self, self.settings.http_host, self.settings.http_port)
             self.http_port = http.bound_port(runner)
+        if self.alerts is not None:
+            await self.alerts.start()
         background = [
             asyncio.create_task(self.listen_forever(), name="listen"),
             asyncio.create_task(self.heartbeat_forever(), name="heartbeat"),
@@ -235,7 +256,10 @@ class Service:
             task.cancel()  # stop taking work: no more wake-ups
         await self._drain(worker)
         await asyncio.gather(*background, return_exceptions=True)
-        await asyncio.shield(self._final_writes())
+        try:  # the leases expire on their own anyway: a database that does not answer must not hold the exit
+            await asyncio.wait_for(asyncio.shield(self._final_writes()), FINAL_WRITES_SECONDS)
+        except TimeoutError:
+            log.warning("could not release leases in time", extra={"action": "release_error"})
         if runner is not None:
             await runner.cleanup()
         await self.client.close()
