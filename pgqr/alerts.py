@@ -22,15 +22,15 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import psycopg
-from psycopg.rows import class_row
 
-__all__ = ["AlertForwarder", "Delivery", "safe_origin"]
+from . import db
+
+__all__ = ["AlertForwarder", "safe_origin"]
 
 logger = logging.getLogger("pgqr.alerts")
 
@@ -39,22 +39,6 @@ MAX_DELAY = 60.0
 RELEASE_SECONDS = 5.0
 
 Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
-Outcome = Literal["delivered", "failed", "released"]
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One claimed transition, as pgqr.claim_alert_deliveries() returns it."""
-
-    id: int
-    rule: str
-    state: str
-    attempts: int
-    payload: dict[str, Any]
-
-    @property
-    def label(self) -> str:
-        return f"{self.rule}/{self.state}"
 
 
 def safe_origin(url: str) -> str:
@@ -68,26 +52,6 @@ def safe_origin(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}{port}"
-
-
-async def claim(conn: psycopg.AsyncConnection[Any], owner: str, limit: int) -> list[Delivery]:
-    async with conn.cursor(row_factory=class_row(Delivery)) as cur:
-        await cur.execute("SELECT * FROM pgqr.claim_alert_deliveries(%s, %s)", (owner, limit))
-        return await cur.fetchall()
-
-
-async def finish(conn: psycopg.AsyncConnection[Any], delivery_id: int, owner: str, outcome: Outcome,
-                 error: str | None = None) -> bool:
-    cur = await conn.execute("SELECT pgqr.finish_alert_delivery(%s, %s, %s, %s)",
-                             (delivery_id, owner, outcome, error))
-    row = await cur.fetchone()
-    return bool(row and row[0])
-
-
-async def next_due_in(conn: psycopg.AsyncConnection[Any]) -> float | None:
-    cur = await conn.execute("SELECT pgqr.next_alert_delivery_in()")
-    row = await cur.fetchone()
-    return None if row is None or row[0] is None else float(row[0])
 
 
 class AlertForwarder:
@@ -126,8 +90,8 @@ class AlertForwarder:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
-        self._held: Delivery | None = None  # claimed, not yet finished
-        self._held_outcome: tuple[Outcome, str | None] = ("released", None)  # what close() reports for it
+        self._held: db.Delivery | None = None  # claimed, not yet finished
+        self._held_outcome: tuple[db.DeliveryOutcome, str | None] = ("released", None)  # what close() reports for it
         self._db_failures = 0
         self.delivered = 0
         self.failed = 0
@@ -179,13 +143,13 @@ class AlertForwarder:
         """Deliver until nothing is claimable; returns how long to sleep before looking again."""
         try:
             while not self._closing:
-                claimed = await claim(await self._connect(), self._owner, 1)
+                claimed = await db.claim_alert_deliveries(await self._connect(), self._owner, 1)
                 if not claimed:
                     break
                 self._held, self._held_outcome = claimed[0], ("released", None)
                 self._held_outcome = await self._deliver(claimed[0])
                 await self._finish(claimed[0], *self._held_outcome)
-            due = None if self._closing else await next_due_in(await self._connect())
+            due = None if self._closing else await db.next_alert_delivery_in(await self._connect())
         except (psycopg.Error, OSError) as exc:
             # the database is away: the rows wait there; retry with a capped backoff
             self._db_failures += 1
@@ -198,11 +162,11 @@ class AlertForwarder:
         self._db_failures = 0
         return self._poll_seconds if due is None else min(max(due, 0.05), self._poll_seconds)
 
-    async def _finish(self, delivery: Delivery, outcome: Outcome, reason: str | None) -> None:
+    async def _finish(self, delivery: db.Delivery, outcome: db.DeliveryOutcome, reason: str | None) -> None:
         """Report back, retrying briefly: a delivered alert not marked delivered is sent again later."""
         for attempt in range(3):
             try:
-                if not await finish(await self._connect(), delivery.id, self._owner, outcome, reason):
+                if not await db.finish_alert_delivery(await self._connect(), delivery.id, self._owner, outcome, reason):
                     logger.warning(
                         "alert delivery lease lost before it was finished",
                         extra={"action": "alert_lease_lost", "alert": delivery.label, "outcome": outcome},
@@ -215,7 +179,7 @@ class AlertForwarder:
                     raise
                 await asyncio.sleep(0.2 * (attempt + 1))
 
-    async def _deliver(self, delivery: Delivery) -> tuple[Outcome, str | None]:
+    async def _deliver(self, delivery: db.Delivery) -> tuple[db.DeliveryOutcome, str | None]:
         body = json.dumps(delivery.payload).encode()
         reason: str | None = None
         for attempt in range(1, self.max_attempts + 1):

@@ -131,3 +131,43 @@ async def listener_stopped(conn: AsyncConn, owner: str) -> None:
 
 async def notify(conn: AsyncConn, channel: str, payload: str) -> None:
     await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+# -- alert deliveries (pgqr.alert_deliveries, sql/0006) ------------------------------------------------
+
+DeliveryOutcome = Literal["delivered", "failed", "released"]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One claimed transition, as pgqr.claim_alert_deliveries() returns it."""
+
+    id: int
+    rule: str
+    state: str
+    attempts: int
+    payload: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"{self.rule}/{self.state}"
+
+
+async def claim_alert_deliveries(conn: AsyncConn, owner: str, limit: int) -> list[Delivery]:
+    async with conn.cursor(row_factory=class_row(Delivery)) as cur:
+        await cur.execute("SELECT * FROM pgqr.claim_alert_deliveries(%s, %s)", (owner, limit))
+        return await cur.fetchall()
+
+
+async def finish_alert_delivery(conn: AsyncConn, delivery_id: int, owner: str, outcome: DeliveryOutcome,
+                 error: str | None = None) -> bool:
+    cur = await conn.execute("SELECT pgqr.finish_alert_delivery(%s, %s, %s, %s)",
+                             (delivery_id, owner, outcome, error))
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def next_alert_delivery_in(conn: AsyncConn) -> float | None:
+    cur = await conn.execute("SELECT pgqr.next_alert_delivery_in()")
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else float(row[0])
