@@ -47,16 +47,25 @@ def _service_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
 
 
-async def _check_installed(dsn: str) -> None:
-    """Fail fast on a database without pgqr; an unreachable one is retried by the service itself."""
+async def _preflight(settings: config.Settings) -> None:
+    """Fail fast, with one line, on what no retry can fix: a database without pgqr, or instances that have
+    no Evolution URL to call. An unreachable database is retried by the service itself."""
     try:
-        async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=10) as conn:
+        async with await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=10) as conn:
             cur = await conn.execute("SELECT to_regclass('pgqr.migrations') IS NOT NULL")
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                raise config.ConfigError("pgqr is not installed in this database: run `pgqr migrate` first")
+            if settings.evolution_api_url:
+                return
+            cur = await conn.execute(
+                "SELECT count(*) FROM public.evolution_instances WHERE coalesce(evolution_url, '') = ''")
             row = await cur.fetchone()
     except psycopg.OperationalError:
         return
-    if not row or not row[0]:
-        raise config.ConfigError("pgqr is not installed in this database: run `pgqr migrate` first")
+    if row and row[0]:
+        raise config.ConfigError(
+            f"EVOLUTION_API_URL is not set and {row[0]} instance(s) have no evolution_url of their own")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -66,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(args.log_format, args.log_level)
 
     async def main() -> int:
-        await _check_installed(settings.database_url)
+        await _preflight(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -87,7 +96,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     logs.setup(args.log_format, "WARNING" if args.json else args.log_level)
 
     async def main() -> int:
-        await _check_installed(settings.database_url)
+        await _preflight(settings)
         client = EvolutionClient(timeout=settings.http_timeout, concurrency=settings.concurrency,
                                  max_reply_bytes=settings.max_reply_bytes)
         async with client, await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as conn:

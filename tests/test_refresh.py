@@ -6,7 +6,7 @@ import asyncio
 import json
 from datetime import timedelta
 
-from conftest import run_pgqr
+from conftest import Database, run_pgqr
 from service_fixtures import Env, notifications
 
 
@@ -224,7 +224,7 @@ async def test_refresh_once_exits_0_when_all_succeed(env: Env) -> None:
     assert result.stdout.splitlines()[-1] == "1 instances, 1 refreshed, 0 failed"
 
 
-def test_refresh_without_once_or_with_bad_settings_is_a_usage_error(migrated: object) -> None:
+def test_refresh_without_once_or_with_bad_settings_is_a_usage_error(migrated: Database) -> None:
     assert run_pgqr("refresh", env={"DATABASE_URL": "postgresql://x@127.0.0.1:1/x"}).returncode == 2
     bad = run_pgqr("refresh", "--once", env={"DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
                                                "PGQR_CONCURRENCY": "lots"})
@@ -232,3 +232,12 @@ def test_refresh_without_once_or_with_bad_settings_is_a_usage_error(migrated: ob
     url = run_pgqr("refresh", "--once", env={"DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
                                                "EVOLUTION_API_URL": "localhost:8080"})
     assert url.returncode == 2 and "EVOLUTION_API_URL must be an http(s) URL" in url.stderr
+
+
+def test_refresh_without_any_evolution_url_for_an_instance_is_a_configuration_error(migrated: Database) -> None:
+    migrated.query("INSERT INTO public.evolution_instances (instance_name, instance_token) VALUES ('a', 't')")
+    result = run_pgqr("refresh", "--once", env={"DATABASE_URL": migrated.dsn})
+    assert result.returncode == 2
+    assert result.stderr == ("pgqr: EVOLUTION_API_URL is not set and 1 instance(s) have no evolution_url of "
+                             "their own\n")
+    assert migrated.value("SELECT count(*) FROM pgqr.refresh_log") == 0
