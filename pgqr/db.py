@@ -133,7 +133,7 @@ async def notify(conn: AsyncConn, channel: str, payload: str) -> None:
     await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
 
-# -- alert deliveries (pgqr.alert_deliveries, sql/0006) ------------------------------------------------
+# -- alert deliveries (pgqr.alert_deliveries, sql/0005) ------------------------------------------------
 
 DeliveryOutcome = Literal["delivered", "failed", "released"]
 

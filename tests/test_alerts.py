@@ -18,7 +18,6 @@ from conftest import Database
 from service_fixtures import Env, running_service, settled, wait_until
 from sim_fixtures import serve
 
-from pgqr import migrations
 from pgqr.alerts import AlertForwarder, safe_origin
 from pgqr.devdb import free_port
 from pgqr.simulator import Simulator
@@ -127,18 +126,6 @@ def test_each_transition_is_queued_once_and_a_resolved_waits_for_its_firing(quie
     assert quiet.value("SELECT pgqr.finish_alert_delivery(%s, 'r1', 'delivered')", (first[0]["id"],)) is True
     second = quiet.query("SELECT * FROM pgqr.claim_alert_deliveries('r2', 10)")
     assert [(c["state"], c["payload"]["count"]) for c in second] == [("resolved", 0)]
-
-
-def test_alerts_that_existed_before_the_migration_are_not_delivered(db: Database) -> None:
-    before = [m for m in migrations.load() if m.version < 6]
-    migrations.migrate(db.dsn, before)
-    db.pause_cron()
-    make_stale(db)
-    db.query("SELECT * FROM pgqr.check_alerts()")
-    migrations.migrate(db.dsn)
-    assert db.query("SELECT * FROM pgqr.claim_alert_deliveries('r1', 10)") == []
-    resolve(db)  # a transition after the migration is delivered
-    assert [c["state"] for c in db.query("SELECT * FROM pgqr.claim_alert_deliveries('r1', 10)")] == ["resolved"]
 
 
 def test_housekeeping_keeps_a_resolved_alert_until_its_delivery_is_done(quiet: Database) -> None:
