@@ -99,11 +99,16 @@ def quiet(migrated: Database) -> Database:
     return migrated
 
 
+def command_env(**values: str) -> dict[str, str]:
+    """This environment less any pgqr setting the machine may have, plus `values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGQR_", "EVOLUTION_", "DATABASE_URL"))}
+    env.update(values)
+    return env
+
+
 def run_pgqr(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the real `pgqr` command line in a subprocess, without standard input."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PGQR_", "EVOLUTION_", "DATABASE_URL"))}
-    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "pgqr", *args],
-        env=full_env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        env=command_env(**(env or {})), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )

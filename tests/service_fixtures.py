@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -131,3 +133,23 @@ async def notifications(dsn: str, channel: str) -> AsyncIterator[Callable[[float
         yield collect
     finally:
         await conn.close()
+
+
+async def start_pgqr(env: dict[str, str], output: Path, *args: str) -> asyncio.subprocess.Process:
+    """The real command line (`pgqr *args`) as a child of this event loop; its output goes to a file, so a
+    chatty child never blocks on a full pipe."""
+    with output.open("wb") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pgqr", *args, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
+
+
+@pytest.fixture
+async def children() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Subprocesses a test started; killed if the test left them running."""
+    procs: list[asyncio.subprocess.Process] = []
+    yield procs
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

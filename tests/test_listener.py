@@ -8,19 +8,19 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psycopg
 import pytest
-from conftest import Database, run_pgqr
-from service_fixtures import Env, running_service, settled, wait_until
+from conftest import Database, command_env, run_pgqr
+from service_fixtures import Env, running_service, settled, start_pgqr, wait_until
 
 from pgqr import listener
+from pgqr.devdb import free_port
 from pgqr.listener import Service
 
 QUIET = {"fallback_seconds": 3600.0}  # so only the wake-up under test can explain a refresh
@@ -225,43 +225,14 @@ async def test_the_heartbeat_advances_and_a_stop_marks_it_and_releases_leases(en
 # -- the real command line ------------------------------------------------------------------------
 
 
-def command_env(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGQR_", "EVOLUTION_", "DATABASE_URL"))}
-    env.update(values)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def pgqr_run(env: dict[str, str], output: Path, *args: str) -> asyncio.subprocess.Process:
-    with output.open("wb") as out:  # a file, not a pipe: a chatty child can never block on a full pipe
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pgqr", "run", *args, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
-
-
-@pytest.fixture
-async def children() -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """Subprocesses a test started; killed if the test left them running."""
-    procs: list[asyncio.subprocess.Process] = []
-    yield procs
-    for proc in procs:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_sigterm_finishes_the_call_in_flight_and_exits_0_within_the_grace_period(
         env: Env, tmp_path: Path, children: list[asyncio.subprocess.Process]) -> None:
     env.sim.config.latency = 1.0
     env.add("inflight")
-    proc = await pgqr_run(command_env(DATABASE_URL=env.db.dsn, EVOLUTION_API_URL=env.sim.base_url,
-                                      PGQR_GRACE_SECONDS="3"), tmp_path / "out.log")
+    proc = await start_pgqr(command_env(DATABASE_URL=env.db.dsn, EVOLUTION_API_URL=env.sim.base_url,
+                                        PGQR_GRACE_SECONDS="3"), tmp_path / "out.log", "run")
     children.append(proc)
     await wait_until(lambda: env.row("inflight")["lease_owner"] is not None or proc.returncode is not None, 15,
                      "the subprocess to claim the instance")
@@ -296,10 +267,10 @@ async def test_no_secret_reaches_the_logs_and_every_log_line_has_an_action(
                  (wrong_token,))
     port = free_port()
     env.sim.config.global_webhook_url = f"http://127.0.0.1:{port}/webhooks/evolution/{hook_secret}"
-    proc = await pgqr_run(command_env(
+    proc = await start_pgqr(command_env(
         DATABASE_URL=f"{env.db.dsn} password={db_password}", EVOLUTION_API_URL=env.sim.base_url,
         EVOLUTION_API_KEY=api_key, PGQR_WEBHOOK_SECRET=hook_secret, PGQR_HTTP_PORT=str(port),
-        PGQR_GRACE_SECONDS="3"), tmp_path / "out.log", "--log-level", "DEBUG")
+        PGQR_GRACE_SECONDS="3"), tmp_path / "out.log", "run", "--log-level", "DEBUG")
     children.append(proc)
     await wait_until(lambda: has_qr(env, "tokened") and has_qr(env, "globalkey") and env.log("badtoken"), 15,
                      "the first reconcile")

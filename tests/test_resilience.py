@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import sys
@@ -19,8 +18,8 @@ from typing import Any
 import psycopg
 import pytest
 from aiohttp import web
-from conftest import Database
-from service_fixtures import Env, running_service, settled, wait_until
+from conftest import Database, command_env
+from service_fixtures import Env, running_service, settled, start_pgqr, wait_until
 from sim_fixtures import serve
 
 from pgqr import devdb, migrations
@@ -41,29 +40,6 @@ def no_cron_ticks(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
 
 
-@pytest.fixture
-async def children() -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """Subprocesses a test started; killed if the test left them running."""
-    procs: list[asyncio.subprocess.Process] = []
-    yield procs
-    for proc in procs:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-def command_env(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGQR_", "EVOLUTION_", "DATABASE_URL"))}
-    env.update(values)
-    return env
-
-
-async def pgqr(env: dict[str, str], output: Path, *args: str) -> asyncio.subprocess.Process:
-    """The real command line; its output goes to a file, so a chatty child never blocks on a full pipe."""
-    with output.open("wb") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pgqr", *args, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
 
 
 def has_qr(env: Env, name: str) -> bool:
@@ -150,7 +126,7 @@ async def test_a_killed_replicas_lease_holds_until_it_expires_then_another_owner
     env.set("min_refresh_seconds", "0")  # so only the lease can keep the survivor away
     env.add("victim")
     out = tmp_path / "run.log"
-    proc = await pgqr(command_env(DATABASE_URL=env.db.dsn, EVOLUTION_API_URL=env.sim.base_url,
+    proc = await start_pgqr(command_env(DATABASE_URL=env.db.dsn, EVOLUTION_API_URL=env.sim.base_url,
                                   PGQR_HTTP_TIMEOUT="20"), out, "run")
     children.append(proc)
     await wait_until(lambda: env.row("victim")["lease_owner"] is not None or proc.returncode is not None, 15,
@@ -218,7 +194,7 @@ async def test_the_listener_survives_a_real_server_restart_and_refreshes_a_new_i
 async def test_demo_stops_cleanly_on_ctrl_c_and_removes_its_server(
         tmp_path: Path, children: list[asyncio.subprocess.Process]) -> None:
     out = tmp_path / "demo.log"
-    proc = await pgqr(command_env(), out, "demo")
+    proc = await start_pgqr(command_env(), out, "demo")
     children.append(proc)
 
     def shows_table() -> bool:
@@ -245,7 +221,7 @@ async def test_sigterm_with_a_backlog_finishes_the_batch_in_flight_and_takes_no_
     for i in range(10):
         env.add(f"backlog-{i}", triggers=False)
     out = tmp_path / "run.log"
-    proc = await pgqr(command_env(DATABASE_URL=env.db.dsn, EVOLUTION_API_URL=env.sim.base_url,
+    proc = await start_pgqr(command_env(DATABASE_URL=env.db.dsn, EVOLUTION_API_URL=env.sim.base_url,
                                   PGQR_GRACE_SECONDS="5", PGQR_CONCURRENCY="2"), out, "run")
     children.append(proc)
     await wait_until(lambda: leases_held(env.db) > 0 or proc.returncode is not None, 15, "the first leases")
