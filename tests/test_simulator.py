@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,3 +239,24 @@ async def test_deleted_instance_is_gone(simulator: Simulator) -> None:
     await api(simulator, "GET", "/instance/connect/shop")
     assert (await api(simulator, "DELETE", "/instance/delete/shop"))[0] == 200
     assert (await api(simulator, "GET", "/instance/connect/shop"))[0] == 404
+
+
+async def test_pgqr_simulate_serves_its_instances_and_stops_on_sigterm() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pgqr", "simulate", "--port", "0", "--instances", "2", "--connect-sleep", "0.2",
+        "--first-qr-delay", "0.05", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        fields = dict(part.split("=", 1) for part in line.split()[3:])
+        name, token = fields["instances"].split(",")[0].split(":")
+        url = f"{fields['base_url']}/instance/connect/{name}"
+        async with aiohttp.ClientSession() as http, http.get(url, headers={"apikey": token}) as r:
+            body = await r.json()
+        assert r.status == 200 and body["base64"].startswith("data:image/png;base64,") and body["count"] == 1
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
