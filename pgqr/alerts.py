@@ -142,6 +142,10 @@ class AlertForwarder:
     async def _pass(self) -> float:
         """Deliver until nothing is claimable; returns how long to sleep before looking again."""
         try:
+            if self._held is not None:
+                # a delivery whose result could not be reported last time (the database blinked): report it
+                # now, or a POST the endpoint already accepted is sent again when its lease runs out
+                await self._finish(self._held, *self._held_outcome)
             while not self._closing:
                 claimed = await db.claim_alert_deliveries(await self._connect(), self._owner, 1)
                 if not claimed:
@@ -159,6 +163,10 @@ class AlertForwarder:
                 extra={"action": "alert_db_error", "delay_s": round(delay, 2)},
             )
             return delay
+        except Exception:
+            # a bug must not end alert delivery for good: log it, look again after the poll period
+            logger.exception("alert delivery pass failed", extra={"action": "alert_error"})
+            return self._poll_seconds
         self._db_failures = 0
         return self._poll_seconds if due is None else min(max(due, 0.05), self._poll_seconds)
 

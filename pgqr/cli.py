@@ -61,8 +61,12 @@ async def _preflight(settings: config.Settings) -> None:
             cur = await conn.execute(
                 "SELECT count(*) FROM public.evolution_instances WHERE coalesce(evolution_url, '') = ''")
             row = await cur.fetchone()
-    except psycopg.OperationalError:
-        return
+    except psycopg.Error as exc:
+        if rejected := config.rejected_dsn(exc):
+            raise rejected from None
+        if isinstance(exc, psycopg.OperationalError):
+            return
+        raise
     if row and row[0]:
         raise config.ConfigError(
             f"EVOLUTION_API_URL is not set and {row[0]} instance(s) have no evolution_url of their own")
@@ -80,8 +84,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Service(settings).run(stop)
-        return 0
+        service = Service(settings)
+        await service.run(stop)
+        return 1 if service.crashed else 0
 
     return asyncio.run(main())
 
@@ -180,13 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except migrations.MigrationError as exc:
         print(f"pgqr: {exc}", file=sys.stderr)
         return 1
-    except psycopg.OperationalError as exc:
-        # connection failures: libpq's first line names host and port, never the password
-        print(f"pgqr: cannot reach the database: {_first_line(exc)}", file=sys.stderr)
-        return 1
     except psycopg.Error as exc:
-        # e.g. permission denied: the server's message, one line
-        print(f"pgqr: database error: {_first_line(exc)}", file=sys.stderr)
+        if rejected := config.rejected_dsn(exc):
+            print(f"pgqr: {rejected}", file=sys.stderr)
+            return 2
+        if isinstance(exc, psycopg.OperationalError):
+            # connection failures: libpq's first line names host and port, never the password
+            print(f"pgqr: cannot reach the database: {_first_line(exc)}", file=sys.stderr)
+        else:
+            # e.g. permission denied: the server's message, one line
+            print(f"pgqr: database error: {_first_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

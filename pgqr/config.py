@@ -87,7 +87,7 @@ def check_url(raw: str, name: str) -> str:
         valid = False
     if not valid:
         raise ConfigError(f"{name} must be an http(s) URL, like http://localhost:8080")
-    return raw.rstrip("/")
+    return raw  # as given: for an alert endpoint a trailing slash can matter
 
 
 def check_dsn(raw: str, name: str = "DATABASE_URL") -> str:
@@ -97,6 +97,17 @@ def check_dsn(raw: str, name: str = "DATABASE_URL") -> str:
     except psycopg.ProgrammingError:
         raise ConfigError(f"{name} is not a valid libpq URL or DSN (postgresql://user@host/db)") from None
     return raw
+
+
+def rejected_dsn(exc: psycopg.Error) -> ConfigError | None:
+    """The one-line configuration error when libpq refused DATABASE_URL's options before any network I/O
+    (a bad sslmode, port or timeout value), or None for a real connection failure worth retrying."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, psycopg.OperationalError) and text.startswith("connection is bad: "):
+        return ConfigError(f"DATABASE_URL is not usable: {text.removeprefix('connection is bad: ')}")
+    if isinstance(exc, psycopg.ProgrammingError) and ("bad value for" in text or "invalid URI" in text):
+        return ConfigError(f"DATABASE_URL is not usable: {text}")
+    return None
 
 
 def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgqr.http")
 SERVICE: web.AppKey[Service] = web.AppKey("service")
+KNOWN_EVENTS = frozenset({"qrcode.updated", "connection.update", "status.instance", "logout.instance",
+                          "remove.instance", "instance.create", "instance.delete"})
 
 
 def result_from_webhook(body: Any) -> db.Result | None:
@@ -63,7 +65,8 @@ async def webhook(request: web.Request) -> web.Response:
     except ValueError:
         return web.json_response({"error": "body is not JSON"}, status=400)
     event = str(body.get("event", "")) if isinstance(body, dict) else ""
-    service.metrics.webhooks.labels(event or "unknown").inc()
+    # a label per known event only: the body is the sender's to choose, and series must stay bounded
+    service.metrics.webhooks.labels(event if event in KNOWN_EVENTS else "other").inc()
     result = result_from_webhook(body)
     if result is None:
         return web.json_response({"ignored": event})
@@ -106,7 +109,7 @@ class RedactingAccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         # Redact the segment after /webhooks/evolution/ wherever it occurs: a base URL ending in '/' ("//webhooks")
         # or a proxy prefix misses the route (404), but the path still carries the real secret.
-        head, sep, tail = request.path.rpartition("/webhooks/evolution/")
+        head, sep, tail = request.path.partition("/webhooks/evolution/")
         path = head + sep + "/".join(["***", *tail.lstrip("/").split("/")[1:]]) if sep else request.path
         self.logger.info("%s %s %s", request.method, path, response.status,
                          extra={"action": "http", "method": request.method, "path": path,

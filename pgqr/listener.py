@@ -8,6 +8,7 @@ into one asyncio.Event, so a wake-up during a reconcile schedules exactly one mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -32,10 +33,15 @@ ALERT_CHANNEL = "pgqr_alert"
 PROBE_CHANNEL = "pgqr_probe"
 PROBE_REPLY_SECONDS = 5.0
 FINAL_WRITES_SECONDS = 5.0
-# A half-open TCP connection (peer gone, no RST) must fail in about a minute, not the kernel's ~15.
+# A half-open TCP connection (peer gone, no RST) must fail in about a minute, not the kernel's ~15: keepalives
+# while idle, tcp_user_timeout while a statement's bytes wait for an acknowledgement.
 CONNECT_OPTIONS: dict[str, Any] = {
     "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
 }
+# The work connection serves the worker, the heartbeat, webhooks and alerts: an app transaction that keeps an
+# instance's row locked must cost that instance one write (pgqr.record_results skips it), not stall them all.
+WORK_OPTIONS = "-c lock_timeout=5s -c statement_timeout=60s"
 
 
 class ListenStalled(Exception):
@@ -71,7 +77,7 @@ class WorkConnection:
         async with self._opening:
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = await psycopg.AsyncConnection.connect(
-                    self.dsn, autocommit=True, application_name="pgqr", **CONNECT_OPTIONS)
+                    self.dsn, autocommit=True, application_name="pgqr", options=WORK_OPTIONS, **CONNECT_OPTIONS)
             return self._conn
 
     async def close(self) -> None:
@@ -101,6 +107,7 @@ class Service:
         ) if settings.alert_webhook_url else None
         self.reconciles = 0
         self.stopping = False
+        self.crashed = False  # a loop died: `pgqr run` exits 1
         self.fallback_seconds = settings.fallback_seconds
         self.http_port: int | None = None
         self.listen_conn: db.AsyncConn | None = None  # the current LISTEN connection, for diagnostics
@@ -208,7 +215,8 @@ class Service:
             return False
         self.reconciles += 1
         self.last_reconcile_ok = True
-        self.metrics.observe(summary, time.perf_counter() - started)
+        with contextlib.suppress(Exception):  # metrics are a courtesy; they must not stop the worker
+            self.metrics.observe(summary, time.perf_counter() - started)
         if summary.results:
             log.info(
                 "reconciled %d instances, %d failed", len(summary.results), summary.failed,
@@ -249,6 +257,8 @@ class Service:
             asyncio.create_task(self.heartbeat_forever(), name="heartbeat"),
         ]
         worker = asyncio.create_task(self.work_forever(), name="work")
+        for task in (*background, worker):
+            task.add_done_callback(lambda t: self._task_ended(t, stop))
         log.info("pgqr %s started as %s", __version__, self.owner, extra={"action": "start"})
         await stop.wait()
         log.info("stopping", extra={"action": "stop"})
@@ -267,6 +277,17 @@ class Service:
             await self.alerts.close()
         await self.work.close()
         log.info("stopped", extra={"action": "stopped"})
+
+    def _task_ended(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        """The loops only end when cancelled at shutdown (or the worker on `stopping`). One that ends
+        otherwise is a bug: rather than heartbeat on while refreshing nothing, stop and exit non-zero."""
+        if task.cancelled() or self.stopping:
+            return
+        self.crashed = True
+        error = task.exception()
+        log.error("%s loop ended unexpectedly: %s", task.get_name(), _describe(error) if error else "returned",
+                  exc_info=error, extra={"action": "crash"})
+        stop.set()
 
     async def _drain(self, worker: asyncio.Task[None]) -> None:
         """Let a running reconcile finish within the grace period (so its results are written back),

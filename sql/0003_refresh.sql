@@ -135,60 +135,69 @@ BEGIN
     LOOP
         changed := false;
         v_status := NULL;
-        -- Lock order, the same everywhere: the app's row, then its bookkeeping row (pgqr_instance_change
-        -- fires inside the app's UPDATE and so takes them in that order too), and instances by name. A poll
-        -- write-back, a webhook and the app's own writes then queue up instead of deadlocking.
-        PERFORM 1 FROM public.evolution_instances e WHERE e.instance_name = r.instance_name FOR UPDATE;
-        IF r.source = 'poll' THEN
-            -- An expired lease that nobody has claimed again still counts: the result is then still the
-            -- newest truth. Once another listener claims the row, the owner changes and this write is dropped.
-            PERFORM 1 FROM pgqr.instance_state s
-             WHERE s.instance_name = r.instance_name AND s.lease_owner = writer
-               FOR UPDATE;
-            leased := FOUND;
-        ELSE
-            -- webhooks hold no lease; the state guards below still apply
-            PERFORM 1 FROM pgqr.instance_state s WHERE s.instance_name = r.instance_name FOR UPDATE;
-            leased := FOUND;
-        END IF;
+        -- One instance whose row the app keeps locked (or a deadlock with an app transaction) costs that
+        -- instance this write, never the whole batch: its lease runs out and it is refreshed again. The
+        -- listener's connection sets lock_timeout, so a long app transaction cannot stall every instance.
+        BEGIN
+            -- Lock order, the same everywhere: the app's row, then its bookkeeping row (pgqr_instance_change
+            -- fires inside the app's UPDATE and so takes them in that order too), and instances by name. A poll
+            -- write-back, a webhook and the app's own writes then queue up instead of deadlocking.
+            PERFORM 1 FROM public.evolution_instances e WHERE e.instance_name = r.instance_name FOR UPDATE;
+            IF r.source = 'poll' THEN
+                -- An expired lease that nobody has claimed again still counts: the result is then still the
+                -- newest truth. Once another listener claims the row, the owner changes and this write is dropped.
+                PERFORM 1 FROM pgqr.instance_state s
+                 WHERE s.instance_name = r.instance_name AND s.lease_owner = writer
+                   FOR UPDATE;
+                leased := FOUND;
+            ELSE
+                -- webhooks hold no lease; the state guards below still apply
+                PERFORM 1 FROM pgqr.instance_state s WHERE s.instance_name = r.instance_name FOR UPDATE;
+                leased := FOUND;
+            END IF;
 
-        IF leased AND r.outcome = 'qr' THEN
-            UPDATE public.evolution_instances e
-               SET qr_code = coalesce(r.qr, e.qr_code),
-                   pairing_code = r.pairing_code,
-                   last_qr_update = now()
-             WHERE e.instance_name = r.instance_name
-               AND e.instance_status = 'connecting'
-               AND (r.claimed_at IS NULL OR e.last_qr_update IS NULL OR e.last_qr_update <= r.claimed_at)
-            RETURNING e.id::text, e.user_id::text, e.instance_status INTO v_id, v_user_id, v_status;
-            changed := FOUND AND r.qr IS NOT NULL;
-        ELSIF leased AND r.outcome = 'connected' THEN
-            UPDATE public.evolution_instances e
-               SET instance_status = 'connected', qr_code = NULL, pairing_code = NULL
-             WHERE e.instance_name = r.instance_name AND e.instance_status = 'connecting'
-            RETURNING e.id::text, e.user_id::text, e.instance_status INTO v_id, v_user_id, v_status;
-            changed := FOUND;
-        END IF;
+            IF leased AND r.outcome = 'qr' THEN
+                UPDATE public.evolution_instances e
+                   SET qr_code = coalesce(r.qr, e.qr_code),
+                       pairing_code = r.pairing_code,
+                       last_qr_update = now()
+                 WHERE e.instance_name = r.instance_name
+                   AND e.instance_status = 'connecting'
+                   AND (r.claimed_at IS NULL OR e.last_qr_update IS NULL OR e.last_qr_update <= r.claimed_at)
+                RETURNING e.id::text, e.user_id::text, e.instance_status INTO v_id, v_user_id, v_status;
+                changed := FOUND AND r.qr IS NOT NULL;
+            ELSIF leased AND r.outcome = 'connected' THEN
+                UPDATE public.evolution_instances e
+                   SET instance_status = 'connected', qr_code = NULL, pairing_code = NULL
+                 WHERE e.instance_name = r.instance_name AND e.instance_status = 'connecting'
+                RETURNING e.id::text, e.user_id::text, e.instance_status INTO v_id, v_user_id, v_status;
+                changed := FOUND;
+            END IF;
 
-        IF leased THEN
-            UPDATE pgqr.instance_state s SET
-                last_outcome = r.outcome,
-                last_error_class = r.error_class,
-                last_http_status = coalesce(r.http_status, s.last_http_status),
-                qr_count = coalesce(r.qr_count, s.qr_count),
-                last_success_at = CASE WHEN r.outcome IN ('qr', 'no_qr', 'connected') THEN now()
-                                       ELSE s.last_success_at END,
-                consecutive_failures = CASE WHEN r.outcome = 'failed' THEN s.consecutive_failures + 1
-                                            WHEN r.outcome = 'event' THEN s.consecutive_failures
-                                            ELSE 0 END,
-                next_attempt_at = CASE WHEN r.outcome = 'failed'
-                                       THEN now() + pgqr.backoff(s.consecutive_failures + 1, coalesce(r.transient, true))
-                                       WHEN r.outcome = 'event' THEN s.next_attempt_at
-                                       ELSE NULL END,
-                lease_owner = CASE WHEN r.source = 'poll' THEN NULL ELSE s.lease_owner END,
-                lease_expires_at = CASE WHEN r.source = 'poll' THEN NULL ELSE s.lease_expires_at END
-             WHERE s.instance_name = r.instance_name;
-        END IF;
+            IF leased THEN
+                UPDATE pgqr.instance_state s SET
+                    last_outcome = r.outcome,
+                    last_error_class = r.error_class,
+                    last_http_status = coalesce(r.http_status, s.last_http_status),
+                    qr_count = coalesce(r.qr_count, s.qr_count),
+                    last_success_at = CASE WHEN r.outcome IN ('qr', 'no_qr', 'connected') THEN now()
+                                           ELSE s.last_success_at END,
+                    consecutive_failures = CASE WHEN r.outcome = 'failed' THEN s.consecutive_failures + 1
+                                                WHEN r.outcome = 'event' THEN s.consecutive_failures
+                                                ELSE 0 END,
+                    next_attempt_at = CASE WHEN r.outcome = 'failed'
+                                           THEN now() + pgqr.backoff(s.consecutive_failures + 1, coalesce(r.transient, true))
+                                           WHEN r.outcome = 'event' THEN s.next_attempt_at
+                                           ELSE NULL END,
+                    lease_owner = CASE WHEN r.source = 'poll' THEN NULL ELSE s.lease_owner END,
+                    lease_expires_at = CASE WHEN r.source = 'poll' THEN NULL ELSE s.lease_expires_at END
+                 WHERE s.instance_name = r.instance_name;
+            END IF;
+        EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+            leased := false;
+            changed := false;
+            v_status := NULL;
+        END;
 
         INSERT INTO pgqr.refresh_log (instance_name, source, outcome, applied, qr_updated, http_status,
                                       latency_ms, error_class, owner)

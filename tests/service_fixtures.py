@@ -21,7 +21,7 @@ from conftest import Database
 
 from pgqr.config import Settings
 from pgqr.evolution import EvolutionClient
-from pgqr.listener import Service
+from pgqr.listener import Service, WorkConnection
 from pgqr.reconcile import Reconciler, Summary
 from pgqr.simulator import Mode, Simulator, State
 
@@ -73,9 +73,12 @@ class Env:
     async def reconcile(self, owner: str = "test-owner", **overrides: Any) -> Summary:
         """One reconcile exactly as the listener runs it."""
         settings = self.settings(**overrides)
-        async with EvolutionClient(timeout=settings.http_timeout) as client, \
-                await psycopg.AsyncConnection.connect(self.db.dsn, autocommit=True) as conn:
-            return await Reconciler(settings, client, owner).run(conn)
+        work = WorkConnection(self.db.dsn)  # the listener's own connection settings (lock_timeout, ...)
+        try:
+            async with EvolutionClient(timeout=settings.http_timeout) as client:
+                return await Reconciler(settings, client, owner).run(await work.get())
+        finally:
+            await work.close()
 
 
 @pytest.fixture

@@ -165,6 +165,8 @@ def test_dry_run_prints_the_sql_and_changes_nothing(db: Database) -> None:
     [
         ({}, "pgqr: DATABASE_URL is not set"),
         ({"DATABASE_URL": "host=localhost port"}, "pgqr: DATABASE_URL is not a valid libpq URL or DSN"),
+        ({"DATABASE_URL": "postgresql://u@127.0.0.1:1/x?sslmode=bogus"},
+         'pgqr: DATABASE_URL is not usable: invalid sslmode value: "bogus"'),
     ],
 )
 def test_missing_or_invalid_database_url_is_one_line_and_exit_2(env: dict[str, str], message: str) -> None:

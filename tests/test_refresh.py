@@ -241,3 +241,18 @@ def test_refresh_without_any_evolution_url_for_an_instance_is_a_configuration_er
     assert result.stderr == ("pgqr: EVOLUTION_API_URL is not set and 1 instance(s) have no evolution_url of "
                              "their own\n")
     assert migrated.value("SELECT count(*) FROM pgqr.refresh_log") == 0
+
+
+async def test_a_row_the_app_keeps_locked_costs_that_instance_one_write_not_the_batch(env: Env) -> None:
+    env.add("busy")
+    env.add("free")
+    with env.db.connect() as app:
+        app.execute("BEGIN")
+        app.execute("SELECT 1 FROM public.evolution_instances WHERE instance_name = 'busy' FOR UPDATE")
+        summary = await env.reconcile()  # returns after the 5 s lock_timeout, not when the app commits
+        app.execute("ROLLBACK")
+    assert {r.instance_name for r in summary.results} == {"busy", "free"}
+    assert env.row("free")["qr_code"] is not None
+    busy = env.row("busy")
+    assert busy["qr_code"] is None and busy["lease_owner"] == "test-owner"  # retried once the lease runs out
+    assert [(log["applied"], log["qr_updated"]) for log in env.log("busy")] == [(False, False)]
