@@ -148,9 +148,5 @@ async def start(service: Service, host: str, port: int) -> web.AppRunner:
 
 def bound_port(runner: web.AppRunner) -> int:
     """The port actually bound (useful with port 0)."""
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            port: int = server.sockets[0].getsockname()[1]
-            return port
-    raise RuntimeError("HTTP server is not listening")
+    port: int = runner.addresses[0][1]
+    return port
