@@ -74,14 +74,6 @@ class Recorded:
     status: str | None
 
 
-async def refresh_horizon(conn: AsyncConn) -> datetime:
-    cur = await conn.execute("SELECT pgqr.refresh_horizon()")
-    row = await cur.fetchone()
-    assert row is not None
-    horizon: datetime = row[0]
-    return horizon
-
-
 async def claim(conn: AsyncConn, owner: str, limit: int, attempted_before: datetime) -> list[Claimed]:
     """Lease due instances in one short autocommit statement; HTTP happens after it has committed."""
     async with conn.cursor(row_factory=class_row(Claimed)) as cur:
@@ -99,13 +91,23 @@ async def record_results(conn: AsyncConn, owner: str, results: list[Result]) -> 
         return await cur.fetchall()
 
 
-async def claim_limits(conn: AsyncConn) -> tuple[int, float]:
-    """(claim_batch, lease_seconds) from pgqr.settings."""
-    cur = await conn.execute(
-        "SELECT pgqr.setting('claim_batch')::integer, pgqr.setting('lease_seconds')::float8")
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0]), float(row[1])
+@dataclass(frozen=True)
+class ClaimPlan:
+    """What one reconcile claims with: its refresh horizon and the claim_batch/lease_seconds settings."""
+
+    horizon: datetime
+    claim_batch: int
+    lease_seconds: float
+
+
+async def claim_plan(conn: AsyncConn) -> ClaimPlan:
+    async with conn.cursor(row_factory=class_row(ClaimPlan)) as cur:
+        await cur.execute(
+            "SELECT pgqr.refresh_horizon() AS horizon, pgqr.setting('claim_batch')::integer AS claim_batch,"
+            " pgqr.setting('lease_seconds')::float8 AS lease_seconds")
+        plan = await cur.fetchone()
+    assert plan is not None
+    return plan
 
 
 async def tick_seconds(conn: AsyncConn) -> float:

@@ -97,10 +97,10 @@ class Reconciler:
         """Refresh every due instance once; loops over claim batches until none is left, or until
         should_stop() says the process is shutting down (the batch in flight still completes)."""
         summary = Summary([])
-        horizon = await db.refresh_horizon(conn)
-        batch = self.batch_size(*await db.claim_limits(conn))
+        plan = await db.claim_plan(conn)
+        batch = self.batch_size(plan.claim_batch, plan.lease_seconds)
         while not should_stop():
-            claimed = await db.claim(conn, self.owner, batch, horizon)
+            claimed = await db.claim(conn, self.owner, batch, plan.horizon)
             if not claimed:
                 break
             summary.results += await self._refresh(conn, claimed)
