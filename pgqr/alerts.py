@@ -21,8 +21,6 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -38,9 +36,6 @@ logger = logging.getLogger("pgqr.alerts")
 MAX_DELAY = 60.0
 RELEASE_SECONDS = 5.0
 
-Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
-
-
 def safe_origin(url: str) -> str:
     """scheme://host[:port] of `url`, without user info, path or query: safe to log."""
     try:
@@ -55,7 +50,7 @@ def safe_origin(url: str) -> str:
 
 
 class AlertForwarder:
-    """Claim undelivered alert transitions through `connect()` as `owner` and POST them as JSON to `url`.
+    """Claim undelivered alert transitions from `pool` as `owner` and POST them as JSON to `url`.
 
     Counters: `delivered` (2xx), `failed` (a delivery round that gave up: retries exhausted or a 4xx that
     retrying will not fix; the database schedules the next round, see pgqr.finish_alert_delivery).
@@ -66,7 +61,7 @@ class AlertForwarder:
     def __init__(
         self,
         url: str,
-        connect: Connect,
+        pool: db.Pool,
         owner: str,
         *,
         max_attempts: int = 5,
@@ -80,7 +75,7 @@ class AlertForwarder:
             raise ValueError("max_attempts must be >= 1, base_delay >= 0, timeout and poll_seconds > 0")
         self._url = url
         self._origin = safe_origin(url)
-        self._connect = connect
+        self._pool = pool
         self._owner = owner
         self.max_attempts = max_attempts
         self.base_delay = base_delay
@@ -147,13 +142,13 @@ class AlertForwarder:
                 # now, or a POST the endpoint already accepted is sent again when its lease runs out
                 await self._finish(self._held, *self._held_outcome)
             while not self._closing:
-                claimed = await db.claim_alert_deliveries(await self._connect(), self._owner, 1)
+                claimed = await db.claim_alert_deliveries(self._pool, self._owner, 1)
                 if not claimed:
                     break
                 self._held, self._held_outcome = claimed[0], ("released", None)
                 self._held_outcome = await self._deliver(claimed[0])
                 await self._finish(claimed[0], *self._held_outcome)
-            due = None if self._closing else await db.next_alert_delivery_in(await self._connect())
+            due = None if self._closing else await db.next_alert_delivery_in(self._pool)
         except (psycopg.Error, OSError) as exc:
             # the database is away: the rows wait there; retry with a capped backoff
             self._db_failures += 1
@@ -174,7 +169,7 @@ class AlertForwarder:
         """Report back, retrying briefly: a delivered alert not marked delivered is sent again later."""
         for attempt in range(3):
             try:
-                if not await db.finish_alert_delivery(await self._connect(), delivery.id, self._owner, outcome, reason):
+                if not await db.finish_alert_delivery(self._pool, delivery.id, self._owner, outcome, reason):
                     logger.warning(
                         "alert delivery lease lost before it was finished",
                         extra={"action": "alert_lease_lost", "alert": delivery.label, "outcome": outcome},

@@ -1,4 +1,8 @@
-"""The `pgqr` command: parse, call, print, exit status. 0 ok, 1 failure, 2 usage or configuration."""
+"""The `pgqr` command: parse, call, print, exit status. 0 ok, 1 failure, 2 usage or configuration.
+
+Every command's flags come from pgqr.settings (declared once); every command with a database takes
+--database-url. Commands import what they need when they run, so `pgqr run` never loads the simulator.
+"""
 
 from __future__ import annotations
 
@@ -8,29 +12,27 @@ import json
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import psycopg
 
-from . import config, logs, migrations, opscli
+from . import logs, migrations
+from .settings import ConfigError, Settings, add_flags, first_line, load, rejected_dsn
 
 Command = Callable[[argparse.Namespace], int]
 
 
-def _db_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--database-url", help="libpq URL or DSN (default: $DATABASE_URL)")
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
-    settings = config.load(args)
+    settings = load(args)
     if args.verify:
-        problems = migrations.verify(settings.database_url)
+        problems = migrations.verify(settings.dsn)
         for problem in problems:
             print(problem)
         if problems:
             return 1
         print("pgqr schema is up to date")
         return 0
-    done = migrations.migrate(settings.database_url, dry_run=args.dry_run)
+    done = migrations.migrate(settings.dsn, dry_run=args.dry_run, binding=settings)
     for line in done:
         print(line)
     if not done:
@@ -38,44 +40,49 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_flags(p: argparse.ArgumentParser) -> None:
-    _db_flag(p)
-    p.add_argument("--evolution-api-url", help="Evolution API base URL (default: $EVOLUTION_API_URL)")
-    p.add_argument("--concurrency", help="most Evolution calls in flight (default: $PGQR_CONCURRENCY or 16)")
-    p.add_argument("--http-timeout", help="seconds per Evolution call (default: $PGQR_HTTP_TIMEOUT or 8)")
-    p.add_argument("--log-format", choices=["auto", "json", "text"], default="auto")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
+def cmd_bind(args: argparse.Namespace) -> int:
+    settings = load(args)
+    with psycopg.connect(settings.dsn, autocommit=True, prepare_threshold=None) as conn:
+        if conn.execute("SELECT to_regclass('pgqr.binding')").fetchone() == (None,):
+            raise ConfigError("pgqr is not installed in this database: run `pgqr migrate` (it takes the same flags)")
+        for line in migrations.bind(conn, settings):
+            print(line)
+    return 0
 
 
-async def _preflight(settings: config.Settings) -> None:
-    """Fail fast, with one line, on what no retry can fix: a database without pgqr, or instances that have
-    no Evolution URL to call. An unreachable database is retried by the service itself."""
+async def _preflight(settings: Settings) -> None:
+    """Fail fast, with one line, on what no retry can fix: a database without pgqr, or waiting instances that
+    have no Evolution URL to call. An unreachable database is retried by the service itself."""
     try:
-        async with await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=10) as conn:
-            cur = await conn.execute("SELECT to_regclass('pgqr.migrations') IS NOT NULL")
+        async with await psycopg.AsyncConnection.connect(settings.dsn, connect_timeout=10,
+                                                         prepare_threshold=None) as conn:
+            cur = await conn.execute("SELECT to_regclass('pgqr.binding') IS NOT NULL")
             row = await cur.fetchone()
             if not row or not row[0]:
-                raise config.ConfigError("pgqr is not installed in this database: run `pgqr migrate` first")
+                raise ConfigError("pgqr is not installed in this database: run `pgqr migrate` first")
             if settings.evolution_api_url:
                 return
-            cur = await conn.execute(
-                "SELECT count(*) FROM public.evolution_instances WHERE coalesce(evolution_url, '') = ''")
+            cur = await conn.execute("SELECT count(*) FROM pgqr.app_instances WHERE coalesce(url, '') = ''")
             row = await cur.fetchone()
     except psycopg.Error as exc:
-        if rejected := config.rejected_dsn(exc):
+        if rejected := rejected_dsn(exc):
             raise rejected from None
         if isinstance(exc, psycopg.OperationalError):
             return
         raise
     if row and row[0]:
-        raise config.ConfigError(
-            f"EVOLUTION_API_URL is not set and {row[0]} instance(s) have no evolution_url of their own")
+        raise ConfigError(f"EVOLUTION_API_URL is not set and {row[0]} instance(s) have no Evolution URL of their own")
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["auto", "json", "text"], default="auto")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .listener import Service
+    from .service import Service
 
-    settings = config.load(args)
+    settings = load(args)
     logs.setup(args.log_format, args.log_level)
 
     async def main() -> int:
@@ -92,43 +99,114 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
+    from . import db
+    from .engine import Engine
     from .evolution import EvolutionClient
-    from .reconcile import Reconciler, owner_id
+    from .service import owner_id
 
     if not args.once:
-        raise config.ConfigError("pgqr refresh needs --once (the long-lived listener is `pgqr run`)")
-    settings = config.load(args)
+        raise ConfigError("pgqr refresh needs --once (the long-lived listener is `pgqr run`)")
+    settings = load(args)
     logs.setup(args.log_format, "WARNING" if args.json else args.log_level)
 
     async def main() -> int:
         await _preflight(settings)
+        pool = db.Pool(settings.dsn, size=3)
+        await pool.open()
         client = EvolutionClient(timeout=settings.http_timeout, concurrency=settings.concurrency,
                                  max_reply_bytes=settings.max_reply_bytes)
-        async with client, await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as conn:
-            summary = await Reconciler(settings, client, owner_id()).run(conn)
+        engine = Engine(settings, pool, client, owner_id())
+        try:
+            summary = await engine.run_once()
+        finally:
+            await engine.close()
+            await client.close()
+            await pool.close()
+        doc = summary.as_json()
         if args.json:
-            print(json.dumps(summary.as_json(), indent=2))
+            print(json.dumps(doc, indent=2))
         else:
             for r in summary.results:
-                what = r.outcome if r.success else f"{r.error_class}: {r.detail}"
+                what = r.outcome if r.success else f"{r.error_class or r.outcome}: {r.detail}"
                 print(f"{r.instance_name}\t{'ok' if r.success else 'FAILED'}\t{what}")
-            print(f"{len(summary.results)} instances, {len(summary.results) - summary.failed} refreshed, "
-                  f"{summary.failed} failed")
+            print(f"{doc['total_instances']} instances: {doc['qr_stored']} new QR, {doc['qr_unchanged']} QR "
+                  f"unchanged, {doc['no_qr']} no QR yet, {doc['connected']} connected, {doc['failed']} failed")
         return 1 if summary.failed else 0
 
     return asyncio.run(main())
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from . import simulator
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import ops
 
-    return asyncio.run(simulator.serve_forever(args))
+    doc = ops.status(load(args))
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else ops.format_status(doc))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import ops
+
+    checks = ops.doctor(load(args))
+    for check in checks:
+        print(check.line())
+    failed = sum(not c.ok for c in checks)
+    print(f"{len(checks) - failed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from . import ops
+
+    expression = ops.schedule(load(args), args.every)
+    print(f"pgqr-tick now runs on schedule '{expression}'")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from . import ops
+
+    changed = ops.set_active(load(args), False)
+    print(f"paused pgqr's pg_cron jobs ({changed} changed); `pgqr resume` starts them again")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from . import ops
+
+    changed = ops.set_active(load(args), True)
+    print(f"resumed pgqr's pg_cron jobs ({changed} changed)")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from . import ops
+
+    for line in ops.uninstall(load(args), drop_data=args.drop_data):
+        print(line)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulator import cli as simulator_cli
+
+    result: int = simulator_cli.main(args.rest)
+    return result
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.main(args)
+
+
+def _command(sub: Any, name: str, func: Command, help: str, *, settings: str | None = None,
+             **kwargs: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help, **kwargs)
+    if settings is not None:
+        add_flags(p, settings)
+    p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,38 +217,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("migrate", help="apply pending SQL migrations and schedule pgqr's pg_cron jobs")
-    _db_flag(p)
+    p = _command(sub, "migrate", cmd_migrate, "apply pending SQL migrations, bind the app's table, schedule "
+                 "pgqr's pg_cron jobs", settings="migrate")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the SQL that would run; change nothing")
     mode.add_argument("--verify", action="store_true", help="exit 1 unless the database matches the code")
-    p.set_defaults(func=cmd_migrate)
-
-    p = sub.add_parser("run", help="the long-lived listener: refresh QR codes on every tick and webhook")
-    _service_flags(p)
-    p.add_argument("--grace-seconds", help="shutdown grace for in-flight calls (default: $PGQR_GRACE_SECONDS or 10)")
-    p.add_argument("--http-host", help="address for health, metrics and webhooks (default: 127.0.0.1)")
-    p.add_argument("--http-port", help="port for health, metrics and webhooks (default: $PGQR_HTTP_PORT; off)")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("refresh", help="one reconcile, then exit (status 1 when any instance failed)")
-    _service_flags(p)
-    p.add_argument("--once", action="store_true", help="required: run one reconcile")
+    _command(sub, "bind", cmd_bind, "bind pgqr to the app's instances table (or re-bind it)", settings="bind")
+    p = _command(sub, "run", cmd_run, "the long-lived listener: keep every waiting instance's QR fresh",
+                 settings="run")
+    _log_flags(p)
+    p = _command(sub, "refresh", cmd_refresh, "refresh every due instance once, then exit (status 1 when any "
+                 "failed)", settings="refresh")
+    _log_flags(p)
+    p.add_argument("--once", action="store_true", help="required: run one pass")
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=cmd_refresh)
-
-    from . import simulator
-
-    p = sub.add_parser("simulate", help="an Evolution API simulator on loopback")
-    simulator.add_arguments(p)
-    p.set_defaults(func=cmd_simulate)
-
-    p = sub.add_parser("demo", help="throwaway PostgreSQL + pg_cron + simulator + listener, with a live table")
+    p = _command(sub, "status", cmd_status, "each instance's refresh health, listeners, jobs and firing alerts",
+                 settings="status")
+    p.add_argument("--json", action="store_true", help="one JSON document (pgqr.status()) for machines")
+    _command(sub, "doctor", cmd_doctor, "check the installation, each problem with its fix; 0 when all pass",
+             settings="doctor")
+    p = _command(sub, "schedule", cmd_schedule, "change the tick period (sub-minute needs pg_cron 1.5+)",
+                 settings="schedule")
+    p.add_argument("--every", required=True, metavar="INTERVAL", help="like '1 minute', '5m', '30s', '1 hour'")
+    _command(sub, "pause", cmd_pause, "make pgqr's pg_cron jobs inactive", settings="pause")
+    _command(sub, "resume", cmd_resume, "make pgqr's pg_cron jobs active again", settings="resume")
+    p = _command(sub, "uninstall", cmd_uninstall, "unschedule pgqr's jobs and remove its trigger; --drop-data "
+                 "also drops schema pgqr", settings="uninstall")
+    p.add_argument("--drop-data", action="store_true",
+                   help="also drop schema pgqr (state, history, settings); the app's table and rows stay")
+    p = _command(sub, "simulate", cmd_simulate, "an Evolution API simulator on loopback (`pgqr simulate --help`)",
+                 add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = _command(sub, "demo", cmd_demo, "throwaway PostgreSQL + pg_cron + simulator + listener, live")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--scan-after", type=float, default=20.0, help="seconds before one instance gets scanned")
-    p.set_defaults(func=cmd_demo)
-
-    opscli.register(sub)
     return parser
 
 
@@ -179,30 +259,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except (config.ConfigError, migrations.ConfigurationError) as exc:
+    except (ConfigError, migrations.ConfigurationError) as exc:
         print(f"pgqr: {exc}", file=sys.stderr)
         return 2
     except migrations.MigrationError as exc:
         print(f"pgqr: {exc}", file=sys.stderr)
         return 1
     except psycopg.Error as exc:
-        if rejected := config.rejected_dsn(exc):
+        if rejected := rejected_dsn(exc):
             print(f"pgqr: {rejected}", file=sys.stderr)
             return 2
         if isinstance(exc, psycopg.OperationalError):
             # connection failures: libpq's first line names host and port, never the password
-            print(f"pgqr: cannot reach the database: {_first_line(exc)}", file=sys.stderr)
+            print(f"pgqr: cannot reach the database: {first_line(exc)}", file=sys.stderr)
         else:
             # e.g. permission denied: the server's message, one line
-            print(f"pgqr: database error: {_first_line(exc)}", file=sys.stderr)
+            print(f"pgqr: database error: {first_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Every SQL statement the service runs. The logic behind them lives in sql/ (pgqr.claim, pgqr.record_results)."""
+"""Every SQL statement the service runs, through one connection pool. The logic behind them lives in sql/
+(pgqr.claim, pgqr.record_results, ...); this module knows the binding's canonical names, never the app's.
+
+Work connections assume nothing survives between statements, so they are safe through a transaction-mode
+pooler: autocommit, no server-side prepared statements, no session settings, no session advisory locks.
+"""
 
 from __future__ import annotations
 
@@ -9,51 +14,110 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import class_row
+from psycopg_pool import AsyncConnectionPool
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
 Source = Literal["poll", "webhook"]
-OutcomeName = Literal["qr", "no_qr", "connected", "failed", "event"]
+OutcomeName = Literal["qr", "no_qr", "connected", "closed", "gave_up", "failed", "event"]
+
+# A half-open TCP connection (peer gone, no RST) must fail in about a minute, not the kernel's ~15: keepalives
+# while idle, tcp_user_timeout while a statement's bytes wait for an acknowledgement.
+CONNECT_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
+
+
+class Pool:
+    """The work connections: claims, write-backs, webhooks, heartbeats and alerts each take their own, so a
+    webhook never queues behind a write-back."""
+
+    def __init__(self, dsn: str, *, size: int = 6, name: str = "pgqr") -> None:
+        self._pool = AsyncConnectionPool(
+            dsn, min_size=1, max_size=size, open=False, name=name, timeout=30.0,
+            kwargs={"autocommit": True, "prepare_threshold": None, "application_name": name, **CONNECT_OPTIONS},
+        )
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    def connection(self) -> Any:
+        return self._pool.connection()
+
+    async def rows(self, cls: type[Any], sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        async with self._pool.connection() as conn, conn.cursor(row_factory=class_row(cls)) as cur:
+            await cur.execute(sql, params)
+            return await cur.fetchall()
+
+    async def value(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            row = await cur.fetchone()
+            return row[0] if row else None
 
 
 @dataclass(frozen=True)
 class Claimed:
-    """An instance leased to us for one refresh. The token is for the apikey header only."""
+    """An instance leased to us for one call. The token is for the apikey header only."""
 
-    instance_id: str
-    instance_name: str
-    user_id: str | None
-    instance_token: str | None = field(repr=False)
-    evolution_url: str | None
+    key: str
+    name: str
+    token: str | None = field(repr=False)
+    url: str | None = field(repr=False)
+    phone: str | None = field(repr=False)
     qr_md5: str | None
     claimed_at: datetime
 
 
 @dataclass(frozen=True)
 class Result:
-    """One refresh attempt or webhook event, as pgqr.record_results() takes it. Never holds a token."""
+    """One poll or webhook, as pgqr.record_results() takes it. Never holds a token."""
 
-    instance_name: str
+    key: str
     source: Source
     outcome: OutcomeName
+    md5: str | None = None
     qr: str | None = field(default=None, repr=False)  # the data URL; None when unchanged or absent
-    pairing_code: str | None = None
+    pairing_code: str | None = field(default=None, repr=False)
     qr_count: int | None = None
     http_status: int | None = None
     latency_ms: float | None = None
     error_class: str | None = None
-    transient: bool | None = None
-    claimed_at: datetime | None = None
+    started_at: datetime | None = None
+    evolution_state: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         doc = asdict(self)
-        doc["claimed_at"] = self.claimed_at.isoformat() if self.claimed_at else None
+        doc["started_at"] = self.started_at.isoformat() if self.started_at else None
         return doc
 
 
+@dataclass(frozen=True)
+class Recorded:
+    key: str
+    applied: bool
+    busy: bool
+    qr_updated: bool
+    outcome: str
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A row a webhook or a link names (pgqr.find_instances)."""
+
+    key: str
+    name: str
+    token: str | None = field(repr=False)
+    url: str | None = field(repr=False)
+    waiting: bool
+
+
 def storable(*values: str | None) -> bool:
-    """Whether PostgreSQL text can hold these strings: no NUL, no lone surrogate (JSON can carry both, and
-    one such string would fail the whole batched write-back)."""
+    """Whether PostgreSQL text can hold these strings: no NUL, no lone surrogate (JSON can carry both)."""
     for value in values:
         if value is None:
             continue
@@ -66,76 +130,74 @@ def storable(*values: str | None) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Recorded:
-    instance_name: str
-    applied: bool
-    qr_updated: bool
-    status: str | None
+async def claim(pool: Pool, owner: str, limit: int, lease_seconds: float) -> list[Claimed]:
+    """Lease up to `limit` due instances in one short autocommit statement; HTTP happens after it committed."""
+    rows: list[Claimed] = await pool.rows(
+        Claimed, "SELECT * FROM pgqr.claim(%s, %s, make_interval(secs => %s))", (owner, limit, lease_seconds))
+    return rows
 
 
-async def claim(conn: AsyncConn, owner: str, limit: int, attempted_before: datetime) -> list[Claimed]:
-    """Lease due instances in one short autocommit statement; HTTP happens after it has committed."""
-    async with conn.cursor(row_factory=class_row(Claimed)) as cur:
-        await cur.execute("SELECT * FROM pgqr.claim(%s, %s, %s)", (owner, limit, attempted_before))
-        return await cur.fetchall()
-
-
-async def record_results(conn: AsyncConn, owner: str, results: list[Result]) -> list[Recorded]:
-    """The one write path: all results in one round trip."""
+async def record_results(pool: Pool, owner: str, results: list[Result]) -> list[Recorded]:
+    """The one write path: a batch in one round trip."""
     if not results:
         return []
     payload = json.dumps([r.as_json() for r in results])
-    async with conn.cursor(row_factory=class_row(Recorded)) as cur:
-        await cur.execute("SELECT * FROM pgqr.record_results(%s, %s::jsonb)", (owner, payload))
-        return await cur.fetchall()
+    rows: list[Recorded] = await pool.rows(
+        Recorded, "SELECT * FROM pgqr.record_results(%s, %s::jsonb)", (owner, payload))
+    return rows
+
+
+async def next_due_in(pool: Pool) -> float | None:
+    value = await pool.value("SELECT pgqr.next_due_in()")
+    return None if value is None else float(value)
+
+
+async def lease_seconds(pool: Pool) -> float:
+    return float(await pool.value("SELECT pgqr.setting('lease_seconds')::float8") or 30.0)
+
+
+async def tick_seconds(pool: Pool) -> float:
+    """The tick period `pgqr schedule` set, in seconds."""
+    value = await pool.value("SELECT extract(epoch FROM pgqr.setting('tick_every')::interval)::float8")
+    return float(value) if value else 60.0
 
 
 @dataclass(frozen=True)
-class ClaimPlan:
-    """What one reconcile claims with: its refresh horizon and the claim_batch/lease_seconds settings."""
-
-    horizon: datetime
-    claim_batch: int
-    lease_seconds: float
+class Freshness:
+    waiting: int
+    qr_valid: int
+    oldest_expired_seconds: float
 
 
-async def claim_plan(conn: AsyncConn) -> ClaimPlan:
-    async with conn.cursor(row_factory=class_row(ClaimPlan)) as cur:
-        await cur.execute(
-            "SELECT pgqr.refresh_horizon() AS horizon, pgqr.setting('claim_batch')::integer AS claim_batch,"
-            " pgqr.setting('lease_seconds')::float8 AS lease_seconds")
-        plan = await cur.fetchone()
-    assert plan is not None
-    return plan
+async def freshness(pool: Pool) -> Freshness:
+    rows: list[Freshness] = await pool.rows(Freshness, "SELECT * FROM pgqr.freshness")
+    return rows[0]
 
 
-async def tick_seconds(conn: AsyncConn) -> float:
-    """The tick period `pgqr schedule` set, in seconds."""
-    cur = await conn.execute("SELECT extract(epoch FROM pgqr.setting('tick_every')::interval)::float8")
-    row = await cur.fetchone()
-    return float(row[0]) if row and row[0] else 60.0
+async def find_instances(pool: Pool, name: str) -> list[Instance]:
+    rows: list[Instance] = await pool.rows(Instance, "SELECT * FROM pgqr.find_instances(%s)", (name,))
+    return rows
 
 
-async def heartbeat(conn: AsyncConn, owner: str, host: str, pid: int, version: str) -> None:
-    await conn.execute("SELECT pgqr.heartbeat(%s, %s, %s, %s)", (owner, host, pid, version))
+async def heartbeat(pool: Pool, owner: str, host: str, pid: int, version: str, listen_ok: bool) -> None:
+    async with pool.connection() as conn:
+        await conn.execute("SELECT pgqr.heartbeat(%s, %s, %s, %s, %s)", (owner, host, pid, version, listen_ok))
 
 
-async def release_leases(conn: AsyncConn, owner: str) -> int:
-    cur = await conn.execute("SELECT pgqr.release_leases(%s)", (owner,))
-    row = await cur.fetchone()
-    return int(row[0]) if row else 0
+async def release_leases(pool: Pool, owner: str) -> int:
+    return int(await pool.value("SELECT pgqr.release_leases(%s)", (owner,)) or 0)
 
 
-async def listener_stopped(conn: AsyncConn, owner: str) -> None:
-    await conn.execute("SELECT pgqr.listener_stopped(%s)", (owner,))
+async def listener_stopped(pool: Pool, owner: str) -> None:
+    async with pool.connection() as conn:
+        await conn.execute("SELECT pgqr.listener_stopped(%s)", (owner,))
 
 
 async def notify(conn: AsyncConn, channel: str, payload: str) -> None:
     await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
 
-# -- alert deliveries (pgqr.alert_deliveries, sql/0005) ------------------------------------------------
+# -- alert deliveries (pgqr.alert_deliveries, sql/0007) ------------------------------------------------
 
 DeliveryOutcome = Literal["delivered", "failed", "released"]
 
@@ -155,21 +217,18 @@ class Delivery:
         return f"{self.rule}/{self.state}"
 
 
-async def claim_alert_deliveries(conn: AsyncConn, owner: str, limit: int) -> list[Delivery]:
-    async with conn.cursor(row_factory=class_row(Delivery)) as cur:
-        await cur.execute("SELECT * FROM pgqr.claim_alert_deliveries(%s, %s)", (owner, limit))
-        return await cur.fetchall()
+async def claim_alert_deliveries(pool: Pool, owner: str, limit: int) -> list[Delivery]:
+    rows: list[Delivery] = await pool.rows(
+        Delivery, "SELECT * FROM pgqr.claim_alert_deliveries(%s, %s)", (owner, limit))
+    return rows
 
 
-async def finish_alert_delivery(conn: AsyncConn, delivery_id: int, owner: str, outcome: DeliveryOutcome,
-                 error: str | None = None) -> bool:
-    cur = await conn.execute("SELECT pgqr.finish_alert_delivery(%s, %s, %s, %s)",
-                             (delivery_id, owner, outcome, error))
-    row = await cur.fetchone()
-    return bool(row and row[0])
+async def finish_alert_delivery(pool: Pool, delivery_id: int, owner: str, outcome: DeliveryOutcome,
+                                error: str | None = None) -> bool:
+    return bool(await pool.value("SELECT pgqr.finish_alert_delivery(%s, %s, %s, %s)",
+                                 (delivery_id, owner, outcome, error)))
 
 
-async def next_alert_delivery_in(conn: AsyncConn) -> float | None:
-    cur = await conn.execute("SELECT pgqr.next_alert_delivery_in()")
-    row = await cur.fetchone()
-    return None if row is None or row[0] is None else float(row[0])
+async def next_alert_delivery_in(pool: Pool) -> float | None:
+    value = await pool.value("SELECT pgqr.next_alert_delivery_in()")
+    return None if value is None else float(value)

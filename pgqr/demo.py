@@ -17,8 +17,8 @@ import time
 import psycopg
 
 from . import devdb, logs, migrations
-from .config import Settings
-from .listener import Service
+from .service import Service
+from .settings import Secret, Settings
 from .simulator import SimConfig, Simulator
 
 # Three instances live on the simulator; the fourth exists only in the database, so Evolution answers 404.
@@ -55,7 +55,8 @@ async def _demo(dsn: str, duration: float | None, scan_after: float) -> int:
     base_url = await sim.start()
     tokens = {name: sim.add_instance(name) for name in INSTANCES}
     secret = secrets.token_urlsafe(16)
-    service = Service(Settings(database_url=dsn, evolution_api_url=base_url, http_port=0, webhook_secret=secret))
+    service = Service(Settings(database_url=Secret(dsn), evolution_api_url=Secret(base_url), http_port=0,
+                               webhook_secret=Secret(secret)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,6 +18,8 @@ import psycopg
 from pglast import ast
 from psycopg.conninfo import make_conninfo
 
+from .settings import BINDING_ATTRS, Secret, Settings
+
 # One lock for every pgqr migrate against this database, whichever process runs it.
 LOCK_KEY = 0x70677172  # "pgqr"
 FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -234,14 +236,13 @@ def unschedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> int:
         return removed
 
 
-def _lock(conn: psycopg.Connection[tuple[object, ...]]) -> None:
-    conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
-
-
-def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: bool = False) -> list[str]:
-    """Apply pending migrations and (re)schedule pgqr's jobs. Returns what was (or would be) done."""
+def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: bool = False,
+            binding: Settings | None = None) -> list[str]:
+    """Apply pending migrations, bind the app's table and (re)schedule pgqr's jobs. Returns what was (or would
+    be) done. Each file runs in its own transaction under a transaction-level advisory lock, so concurrent
+    runs wait for each other and nothing depends on a session (a transaction pooler is fine)."""
     migrations = load() if migrations is None else migrations
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
         setup = cron_setup(conn)
         if dry_run:
             pending = plan(conn, migrations).pending
@@ -249,19 +250,57 @@ def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: boo
             out.append(f"-- then in database {setup.cron_database}: cron.schedule_in_database() for each row of "
                        f"pgqr.jobs, to run in {setup.app_database}")
             return out
-        _lock(conn)
-        try:
-            plan(conn, migrations)  # refuses a newer database before anything is created
-            ensure_extension(dsn, setup)
+        plan(conn, migrations)  # refuses a newer database before anything is created
+        ensure_extension(dsn, setup)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             conn.execute(BOOTSTRAP.encode())
-            done = []
-            for migration in plan(conn, migrations).pending:
+        done = []
+        for migration in migrations:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+                if migration.version in _applied(conn):
+                    continue  # another migrate applied it while we waited
                 _apply(conn, migration)
-                done.append(f"applied {migration.name}")
-            schedule_jobs(dsn, setup, wanted_jobs(conn))
-            return done
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+            done.append(f"applied {migration.name}")
+        done += bind(conn, binding or Settings(database_url=Secret(dsn)), only_if_unbound=True)
+        schedule_jobs(dsn, setup, wanted_jobs(conn))
+        return done
+
+
+def bind(conn: psycopg.Connection[tuple[object, ...]], settings: Settings, *,
+         only_if_unbound: bool = False) -> list[str]:
+    """Bind pgqr to the app's table as `settings` say (the defaults are the seed's layout). With only_if_unbound
+    (what migrate does), an existing binding stays unless binding settings were given explicitly."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+        stored = conn.execute("SELECT table_name FROM pgqr.binding").fetchone()
+        if stored and only_if_unbound and not settings.binding_given():
+            conn.execute("SELECT pgqr.install_binding(b) FROM pgqr.binding b")  # the current generator's SQL
+            return []
+        created = False
+        if "table" not in settings.explicit and settings.table == "public.evolution_instances":
+            row = conn.execute("SELECT pgqr.create_default_table()").fetchone()
+            created = bool(row and row[0])
+        args = {attr: getattr(settings, attr) for attr in BINDING_ATTRS}
+        args["waiting_values"] = list(settings.waiting_values)
+        # optional columns of the seed's layout that an adopted table lacks are simply not bound
+        for attr in ("token_column", "url_column", "qr_column", "qr_at_column", "pairing_column"):
+            if attr not in settings.explicit and args[attr] is not None:
+                row = conn.execute("SELECT pgqr.column_type(to_regclass(%s), %s)",
+                                   (settings.table, args[attr])).fetchone()
+                if not row or row[0] is None:
+                    args[attr] = None
+        table = args.pop("table")
+        named = ", ".join(f"{k} => %({k})s" for k in args)
+        try:
+            row = conn.execute(f"SELECT table_name, key_column FROM pgqr.bind(%(table)s, {named})",
+                               {"table": table, **args}).fetchone()
+        except psycopg.errors.InvalidParameterValue as exc:
+            raise ConfigurationError((exc.diag.message_primary or str(exc)).replace("\n", "\n  ")) from None
+    assert row is not None
+    lines = [f"created {table} (the default layout)"] if created else []
+    return [*lines, f"bound {row[0]} (key {row[1]})"]
 
 
 def verify(dsn: str, migrations: list[Migration] | None = None) -> list[str]:

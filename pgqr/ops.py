@@ -15,8 +15,8 @@ from psycopg import errors
 
 from . import migrations
 from .alerts import safe_origin
-from .config import ConfigError, Settings
 from .evolution import EvolutionClient, Failure, NoQrYet
+from .settings import ConfigError, Settings, reveal
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -26,7 +26,7 @@ class NotInstalled(migrations.MigrationError):
 
 
 def _connect(settings: Settings) -> Conn:
-    return psycopg.connect(settings.database_url, autocommit=True)
+    return psycopg.connect(settings.dsn, autocommit=True, prepare_threshold=None)
 
 
 def _installed(conn: Conn) -> bool:
@@ -133,7 +133,7 @@ def cron_version(dsn: str, setup: migrations.CronSetup) -> str | None:
 
 def _resync(settings: Settings, conn: Conn, setup: migrations.CronSetup) -> None:
     """pgqr.jobs changed: apply it in pg_cron's database (pgqr.sync_cron() can only do that from there)."""
-    migrations.schedule_jobs(settings.database_url, setup, migrations.wanted_jobs(conn))
+    migrations.schedule_jobs(settings.dsn, setup, migrations.wanted_jobs(conn))
 
 
 def schedule(settings: Settings, every: str) -> str:
@@ -142,7 +142,7 @@ def schedule(settings: Settings, every: str) -> str:
     with _connect(settings) as conn:
         _require_installed(conn)
         setup = migrations.cron_setup(conn)
-        version = cron_version(settings.database_url, setup)
+        version = cron_version(settings.dsn, setup)
         try:
             row = conn.execute("SELECT pgqr.schedule(%s, %s)", (period, version)).fetchone()
         except (errors.InvalidParameterValue, errors.FeatureNotSupported) as exc:
@@ -164,53 +164,67 @@ def set_active(settings: Settings, active: bool) -> int:
 
 # ------------------------------------------------------------------------------------------- uninstall
 
-# DDL that cannot live in a pgqr function: it removes the schema such a function would be in.
-# The trigger goes first and explicitly: it is pgqr's only object on the application's table, and writes
-# to evolution_instances would fail if it outlived its function.
-_DROP = (
-    "DROP TRIGGER IF EXISTS pgqr_instance_change ON public.evolution_instances",
-    "DROP SCHEMA IF EXISTS pgqr CASCADE",
-)
-
-
 def uninstall(settings: Settings, drop_data: bool) -> list[str]:
-    """Unschedule pgqr's jobs; with drop_data also drop schema pgqr. Never touches evolution_instances rows.
+    """Unschedule pgqr's jobs and remove its trigger from the app's table (the app's writes then behave as
+    before install); with drop_data also drop schema pgqr. Never touches the app's table or its rows.
 
-    The role pgqr_monitor stays: roles are cluster-wide and other databases may still use it.
+    The role pgqr_monitor stays when another database still uses it (roles are cluster-wide).
     """
     done: list[str] = []
     with _connect(settings) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (migrations.LOCK_KEY,))  # not while a migrate runs
+        # a listener in mid-transaction would make us wait forever; fail with the fix instead
+        conn.execute("SET lock_timeout = '10s'")
         try:
-            jobs = migrations.wanted_jobs(conn) if _installed(conn) else []
-            try:
-                setup: migrations.CronSetup | None = migrations.cron_setup(conn)
-            except migrations.ConfigurationError:
-                setup = None  # no pg_cron, so nothing scheduled
-            if setup is not None and jobs:
-                if drop_data:
-                    _forget_history(settings.database_url, setup, jobs)
-                removed = migrations.unschedule_jobs(settings.database_url, setup, jobs)
-                done.append(f"unscheduled {removed} pg_cron job(s) in database {setup.cron_database}")
-            if drop_data:
-                # a listener in mid-transaction would make us wait forever; fail with the fix instead
-                conn.execute("SET lock_timeout = '10s'")
-                try:
-                    with conn.transaction():
-                        for statement in _DROP:
-                            conn.execute(statement)
-                except errors.LockNotAvailable:
-                    raise migrations.MigrationError(
-                        "pgqr's tables are in use: stop every `pgqr run`, then uninstall again"
-                    ) from None
-                done.append("dropped schema pgqr and its triggers on evolution_instances; "
-                            "evolution_instances and its rows are untouched")
-            else:
-                done.append("kept schema pgqr and its data (the trigger still works); "
-                            "`pgqr migrate` schedules the jobs again, `--drop-data` removes everything")
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (migrations.LOCK_KEY,))
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (migrations.LOCK_KEY,))  # not while a migrate runs
+                done += _uninstall(settings, conn, drop_data)
+        except errors.LockNotAvailable:
+            raise migrations.MigrationError(
+                "pgqr's tables are in use: stop every `pgqr run`, then uninstall again") from None
     return done
+
+
+def _uninstall(settings: Settings, conn: Conn, drop_data: bool) -> list[str]:
+    done: list[str] = []
+    installed = _installed(conn)
+    jobs = migrations.wanted_jobs(conn) if installed else []
+    try:
+        setup: migrations.CronSetup | None = migrations.cron_setup(conn)
+    except migrations.ConfigurationError:
+        setup = None  # no pg_cron, so nothing scheduled
+    if setup is not None and jobs:
+        if drop_data:
+            _forget_history(settings.dsn, setup, jobs)
+        removed = migrations.unschedule_jobs(settings.dsn, setup, jobs)
+        done.append(f"unscheduled {removed} pg_cron job(s) in database {setup.cron_database}")
+    table = None
+    if installed:
+        row = conn.execute("SELECT pgqr.qualified(to_regclass(table_name)) FROM pgqr.binding").fetchone()
+        table = row[0] if row else None
+    if table:
+        conn.execute(f"DROP TRIGGER IF EXISTS pgqr_instance_change ON {table}".encode())
+        done.append(f"removed pgqr's trigger from {table}; its rows are untouched")
+    if drop_data:
+        conn.execute("DROP SCHEMA IF EXISTS pgqr CASCADE")
+        done.append("dropped schema pgqr (state, history, settings)")
+        if _drop_monitor_role(conn):
+            done.append("dropped role pgqr_monitor")
+        elif conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'pgqr_monitor'").fetchone():
+            done.append("kept role pgqr_monitor: another database still grants it rights")
+    else:
+        done.append("kept schema pgqr and its data; `pgqr migrate` installs the trigger and jobs again, "
+                    "`--drop-data` removes everything")
+    return done
+
+
+def _drop_monitor_role(conn: Conn) -> bool:
+    """Drop pgqr_monitor unless another database still has objects or privileges for it."""
+    try:
+        with conn.transaction():
+            conn.execute("DROP ROLE IF EXISTS pgqr_monitor")
+        return True
+    except (errors.DependentObjectsStillExist, errors.InsufficientPrivilege):
+        return False
 
 
 def _forget_history(dsn: str, setup: migrations.CronSetup, jobs: list[migrations.Job]) -> None:
@@ -266,7 +280,7 @@ def _check_pg_cron(conn: Conn, settings: Settings, checks: list[Check]) -> migra
         checks.append(Check("pg_cron", False, "not in shared_preload_libraries", str(exc)))
         return None
     try:
-        version = cron_version(settings.database_url, setup)
+        version = cron_version(settings.dsn, setup)
     except psycopg.OperationalError:
         checks.append(Check("pg_cron", False,
                             f"preloaded, but its database {setup.cron_database} is unreachable",
@@ -299,7 +313,7 @@ def _check_schema(conn: Conn, checks: list[Check]) -> bool:
 def _check_jobs(conn: Conn, settings: Settings, setup: migrations.CronSetup, checks: list[Check]) -> None:
     jobs = migrations.wanted_jobs(conn)
     names = [setup.jobname(j.name) for j in jobs]
-    with psycopg.connect(migrations.cron_conninfo(settings.database_url, setup), autocommit=True) as cron:
+    with psycopg.connect(migrations.cron_conninfo(settings.dsn, setup), autocommit=True) as cron:
         found = {
             str(name): (str(schedule), bool(active), str(database))
             for name, schedule, active, database in cron.execute(
@@ -358,24 +372,24 @@ def _check_tokens(conn: Conn, settings: Settings, checks: list[Check]) -> None:
         checks.append(Check("tokens", True, "EVOLUTION_API_KEY is set; it serves instances without a token"))
         return
     row = conn.execute(
-        "SELECT count(*) FROM public.evolution_instances WHERE coalesce(instance_token, '') = ''"
+        "SELECT count(*) FROM pgqr.app_instances WHERE coalesce(token, '') = ''"
     ).fetchone()
     missing = int(row[0]) if row else 0
     if missing:
         checks.append(Check("tokens", False,
-                            f"{missing} instance(s) have no instance_token and EVOLUTION_API_KEY is not set",
-                            "set EVOLUTION_API_KEY, or fill evolution_instances.instance_token"))
+                            f"{missing} instance(s) have no token of their own and EVOLUTION_API_KEY is not set",
+                            "set EVOLUTION_API_KEY, or fill the binding's token column"))
     else:
-        checks.append(Check("tokens", True, "every instance has an instance_token"))
+        checks.append(Check("tokens", True, "every instance has a token of its own"))
 
 
 async def _check_evolution(settings: Settings) -> Check:
     if not settings.evolution_api_url:
         return Check("evolution", False, "EVOLUTION_API_URL is not set",
                      "set EVOLUTION_API_URL to your Evolution API server, like http://localhost:8080")
-    where = safe_origin(settings.evolution_api_url)
+    where = safe_origin(settings.evolution_api_url.reveal())
     async with EvolutionClient(timeout=min(settings.http_timeout, 10.0)) as client:
-        reply = await client.check_key(settings.evolution_api_url, settings.evolution_api_key or "")
+        reply = await client.check_key(settings.evolution_api_url.reveal(), reveal(settings.evolution_api_key) or "")
     outcome = reply.outcome
     if isinstance(outcome, NoQrYet):
         return Check("evolution", True, f"{where} accepts EVOLUTION_API_KEY ({reply.latency_ms:.0f} ms)")

@@ -62,10 +62,10 @@ class Database:
                          (self.name, f"%@{self.name}"))
 
 
-def _new_database(server: devdb.DevServer) -> Iterator[Database]:
+def _new_database(server: devdb.DevServer, template: str | None = None) -> Iterator[Database]:
     name = f"pgqr_t{os.getpid()}_{next(_counter)}"
     janitor = DatabaseJanitor(
-        user=server.user, host=server.host, port=server.port, dbname=name, password=None
+        user=server.user, host=server.host, port=server.port, dbname=name, password=None, template_dbname=template
     )
     with janitor:
         yield Database(server, name)
@@ -85,11 +85,27 @@ def db(pg_server: devdb.DevServer) -> Iterator[Database]:
     yield from _new_database(pg_server)
 
 
+@pytest.fixture(scope="session")
+def pgqr_template(pg_server: devdb.DevServer) -> str:
+    """A database migrated once (default layout); each test that needs pgqr gets a clone of it."""
+    name = f"pgqr_template_{os.getpid()}"
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    migrations.migrate(pg_server.dsn(name))
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute("DELETE FROM cron.job WHERE database = %s", (name,))
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    return name
+
+
 @pytest.fixture
-def migrated(db: Database) -> Database:
-    """A database with pgqr installed."""
-    migrations.migrate(db.dsn)
-    return db
+def migrated(pg_server: devdb.DevServer, pgqr_template: str) -> Iterator[Database]:
+    """A database with pgqr installed (a clone of the template) and its pg_cron jobs scheduled."""
+    for database in _new_database(pg_server, pgqr_template):
+        with psycopg.connect(database.dsn, autocommit=True) as conn:
+            setup = migrations.cron_setup(conn)
+            migrations.schedule_jobs(database.dsn, setup, migrations.wanted_jobs(conn))
+        yield database
 
 
 @pytest.fixture

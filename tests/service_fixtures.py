@@ -19,10 +19,11 @@ import psycopg
 import pytest
 from conftest import Database
 
-from pgqr.config import Settings
+from pgqr import db
+from pgqr.engine import Engine, Summary
 from pgqr.evolution import EvolutionClient
-from pgqr.listener import Service, WorkConnection
-from pgqr.reconcile import Reconciler, Summary
+from pgqr.service import Service
+from pgqr.settings import Secret, Settings
 from pgqr.simulator import Mode, Simulator, State
 
 
@@ -34,15 +35,16 @@ class Env:
     sim: Simulator
 
     def settings(self, **overrides: Any) -> Settings:
-        base = Settings(database_url=self.db.dsn, evolution_api_url=self.sim.base_url, http_timeout=2.0,
-                        heartbeat_seconds=0.5)
+        base = Settings(database_url=Secret(self.db.dsn), evolution_api_url=Secret(self.sim.base_url),
+                        http_timeout=2.0, heartbeat_seconds=0.5, concurrency=16)
         return replace(base, **overrides)
 
     def add(self, name: str, *, sim_state: State | None = "close", mode: Mode = "normal",
             status: str = "connecting", token: str | None = None, triggers: bool = True,
             qr_code: str | None = None) -> str:
         """Create the instance in the simulator (unless sim_state is None) and the app's row; returns the
-        token stored on the row. triggers=False inserts the way a bulk load would, with no NOTIFY."""
+        token stored on the row. triggers=False inserts the way a bulk load would, with no NOTIFY (the next
+        tick's sync picks it up; here, pgqr.sync_instances())."""
         if sim_state is not None:
             token = self.sim.add_instance(name, token, state=sim_state, mode=mode)
         with self.db.connect() as conn:
@@ -54,13 +56,14 @@ class Env:
                 (name, token or "token-of-" + name, status, qr_code),
             )
             if not triggers:
-                conn.execute("INSERT INTO pgqr.instance_state (instance_name) VALUES (%s)", (name,))
+                conn.execute("SET session_replication_role = origin")
+                conn.execute("SELECT pgqr.sync_instances()")
         return token or "token-of-" + name
 
     def row(self, name: str) -> dict[str, Any]:
         rows = self.db.query(
             "SELECT e.*, s.* FROM public.evolution_instances e "
-            "JOIN pgqr.instance_state s USING (instance_name) WHERE instance_name = %s", (name,))
+            "JOIN pgqr.instance_state s ON s.key = e.id::text WHERE e.instance_name = %s", (name,))
         assert rows, f"no instance {name}"
         return rows[0]
 
@@ -70,20 +73,40 @@ class Env:
     def set(self, key: str, value: str) -> None:
         self.db.query("UPDATE pgqr.settings SET value = %s WHERE key = %s", (value, key))
 
+    def make_due(self, *names: str) -> None:
+        """Bring the next poll of these instances (all when none named) forward to now."""
+        if names:
+            self.db.query("UPDATE pgqr.instance_state SET due_at = now(), recent_polls = '{}' "
+                          "WHERE waiting AND name = ANY(%s)", (list(names),))
+        else:
+            self.db.query("UPDATE pgqr.instance_state SET due_at = now(), recent_polls = '{}' WHERE waiting")
+
+    def tick(self) -> None:
+        """What pg_cron runs every minute: sync and NOTIFY pgqr_refresh."""
+        self.db.query("SELECT pgqr.tick()")
+
     async def reconcile(self, owner: str = "test-owner", **overrides: Any) -> Summary:
-        """One reconcile exactly as the listener runs it."""
+        """One pass over every due instance, exactly as `pgqr refresh --once` runs it."""
         settings = self.settings(**overrides)
-        work = WorkConnection(self.db.dsn)  # the listener's own connection settings (lock_timeout, ...)
+        pool = db.Pool(self.db.dsn, size=3)
+        await pool.open()
         try:
             async with EvolutionClient(timeout=settings.http_timeout) as client:
-                return await Reconciler(settings, client, owner).run(await work.get())
+                engine = Engine(settings, pool, client, owner)
+                try:
+                    return await engine.run_once()
+                finally:
+                    await engine.close()
         finally:
-            await work.close()
+            await pool.close()
 
 
 @pytest.fixture
 async def env(migrated: Database, simulator: Simulator) -> Env:
-    return Env(migrated, simulator)
+    env = Env(migrated, simulator)
+    # the simulator's close branch sleeps 50 ms instead of Evolution's 2 s: a connect that slow went through it
+    env.set("slow_connect_ms", "40")
+    return env
 
 
 async def wait_until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> float:
@@ -96,15 +119,20 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 5.0, what
     return time.monotonic() - started
 
 
-async def settled(service: Service) -> int:
-    """Wait until the start-up and catch-up reconciles are over, so no poll explains what follows;
-    returns the reconcile count."""
-    await wait_until(lambda: service.reconciles >= 1 and not service.wake.is_set(), 10, "the start-up reconcile")
-    while True:
-        before = service.reconciles
-        await asyncio.sleep(0.3)
-        if service.reconciles == before and not service.wake.is_set():
-            return before
+async def settled(service: Service) -> None:
+    """Wait until nothing is due now, no lease is held and no call is in flight (judged from the database and
+    /metrics' gauge source), so no poll explains what follows."""
+    dsn = service.settings.dsn
+
+    def quiet() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pgqr.instance_state WHERE waiting AND "
+                               "(due_at <= now() OR lease_owner IS NOT NULL)").fetchone()
+        return row == (0,) and not service.engine.in_flight
+
+    await wait_until(quiet, 15, "the service to settle")
+    await asyncio.sleep(0.2)
+    await wait_until(quiet, 15, "the service to settle")
 
 
 @asynccontextmanager
@@ -113,7 +141,7 @@ async def running_service(settings: Settings) -> AsyncIterator[Service]:
     service = Service(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
-    await wait_until(lambda: service.listening.is_set() or task.done(), 10, "the listener to LISTEN")
+    await wait_until(lambda: service.listener.listening.is_set() or task.done(), 10, "the listener to LISTEN")
     if task.done():
         task.result()
     try:

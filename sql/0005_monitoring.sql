@@ -1,51 +1,45 @@
--- pgqr 0004: psql-first monitoring. Views over pgqr's bookkeeping, a read-only role for dashboards,
+-- pgqr 0005: psql-first monitoring. Views over pgqr's bookkeeping, a read-only role for dashboards,
 -- and pgqr.status() (what `pgqr status --json` prints).
 --
--- No view exposes instance_token, qr_code, pairing_code or evolution_url: a token or a QR lets whoever reads it
--- take over the WhatsApp session, and a URL may carry credentials. Views read settings with a subquery
--- instead of pgqr.setting(): a function runs with the caller's privileges, and pgqr_monitor may read
--- nothing but these views.
+-- No view exposes a token, a QR, a pairing code or a URL: a token or a QR lets whoever reads it take over the
+-- WhatsApp session, and a URL may carry credentials. Views read settings with a subquery instead of
+-- pgqr.setting(): a function runs with the caller's privileges, and pgqr_monitor may read nothing but these views.
 
-INSERT INTO pgqr.settings (key, value, description) VALUES
-    ('alert_stale_after', '5 minutes',
-     'Alert stale_qr: a connecting instance whose QR is older than this (or never came) is stale.'),
-    ('alert_listener_after', '2 minutes',
-     'Alert no_listener and pgqr.listeners.live: a heartbeat older than this is not live.'),
-    ('alert_tick_after', '3 minutes',
-     'Alert ticks_not_firing: no tick for this long (at least three tick periods).'),
-    ('alert_failure_rate', '0.5',
-     'Alert evolution_failures: fires when more than this fraction of Evolution calls failed in the window.'),
-    ('alert_failure_window', '15 minutes',
-     'Alert evolution_failures: how far back to count Evolution calls.'),
-    ('alert_failure_min_calls', '5',
-     'Alert evolution_failures: fewer calls than this in the window never fire (1 failure of 1 is noise).'),
-    ('tick_every', '1 minute',
-     'The tick period, kept by pgqr.schedule(); the ticks alert never fires before three periods pass.'),
-    ('retention', '7 days',
-     'pgqr.housekeeping() deletes refresh_log, ticks, resolved alerts and gone listeners older than this.')
-ON CONFLICT (key) DO NOTHING;
-
--- One row per instance: where its QR refresh stands.
+-- One row per instance of the bound table: where its QR refresh stands. qr_expires_at is the engine's estimate
+-- of the earliest moment the current QR stops working (what a page counts down to); qr_valid says it has not
+-- passed yet.
 CREATE VIEW pgqr.instance_health AS
-SELECT i.id                                   AS instance_id,
-       i.instance_name,
-       i.user_id,
-       i.instance_status                      AS status,
-       i.qr_code IS NOT NULL                  AS has_qr,
-       i.last_qr_update,
-       now() - i.last_qr_update               AS qr_age,
+SELECT a.key                                  AS instance_key,
+       a.name                                 AS instance_name,
+       a.status,
+       coalesce(a.waiting, false)             AS waiting,
+       (a.qr IS NOT NULL OR s.qr IS NOT NULL OR s.qr_md5 IS NOT NULL) AS has_qr,
+       s.qr_seen_at                           AS last_qr_update,
+       now() - s.qr_seen_at                   AS qr_age,
+       s.qr_expires_at,
+       coalesce(a.waiting AND s.qr_expires_at > now(), false) AS qr_valid,
+       s.qr_source,
+       s.evolution_state,
        s.last_attempt_at,
        s.last_success_at,
        s.last_outcome,
        s.last_error_class,
        s.last_http_status,
        coalesce(s.consecutive_failures, 0)    AS consecutive_failures,
-       s.next_attempt_at,
+       s.due_at                               AS next_attempt_at,
        s.lease_owner,
        s.lease_expires_at,
        s.connecting_since
-FROM public.evolution_instances i
-LEFT JOIN pgqr.instance_state s ON s.instance_name = i.instance_name;
+FROM pgqr.app_instances a
+LEFT JOIN pgqr.instance_state s ON s.key = a.key;
+
+-- How fresh the waiting instances' QRs are right now (the engine's figure; /metrics shows the same).
+CREATE VIEW pgqr.freshness AS
+SELECT count(*) FILTER (WHERE s.waiting)                                   AS waiting,
+       count(*) FILTER (WHERE s.waiting AND s.qr_expires_at > now())       AS qr_valid,
+       coalesce(extract(epoch FROM max(now() - s.qr_expires_at)
+                FILTER (WHERE s.waiting AND s.qr_expires_at <= now())), 0)::float8 AS oldest_expired_seconds
+FROM pgqr.instance_state s;
 
 -- pgqr's pg_cron jobs and their runs of the last 24 hours. This definition is the fallback for pg_cron in
 -- another database (cron.* is invisible from here): the job list comes from pgqr.jobs and pgqr.ticks stands in
@@ -128,7 +122,7 @@ SELECT h.hour,
        count(l.id) FILTER (WHERE l.outcome = 'failed')                       AS failures,
        coalesce(b.failures_by_class, '{}'::jsonb)                            AS failures_by_class,
        count(l.id) FILTER (WHERE l.qr_updated)                               AS qr_updates,
-       count(DISTINCT l.instance_name)                                       AS instances,
+       count(DISTINCT l.instance_key)                                       AS instances,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY l.latency_ms)             AS p50_latency_ms,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY l.latency_ms)            AS p95_latency_ms
 FROM hours h
@@ -150,7 +144,8 @@ SELECT l.owner,
            (SELECT value::interval FROM pgqr.settings WHERE key = 'alert_listener_after'),
            interval '2 minutes') AS live,
        (SELECT count(*) FROM pgqr.instance_state s
-         WHERE s.lease_owner = l.owner AND s.lease_expires_at > now()) AS leases_held
+         WHERE s.lease_owner = l.owner AND s.lease_expires_at > now()) AS leases_held,
+       l.listen_ok
 FROM pgqr.listener_heartbeats l
 WHERE l.stopped_at IS NULL
 ORDER BY l.heartbeat_at DESC;
@@ -169,4 +164,5 @@ END
 $$;
 
 GRANT USAGE ON SCHEMA pgqr TO pgqr_monitor;
-GRANT SELECT ON pgqr.instance_health, pgqr.cron_runs, pgqr.refresh_stats, pgqr.listeners TO pgqr_monitor;
+GRANT SELECT ON pgqr.instance_health, pgqr.freshness, pgqr.cron_runs, pgqr.refresh_stats, pgqr.listeners
+    TO pgqr_monitor;

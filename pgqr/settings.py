@@ -1,0 +1,359 @@
+"""Every setting pgqr reads from the environment or a flag, declared once: name, environment variable, flag, type,
+default, help. The commands' flags and the README's settings table come from this one list.
+
+Secrets (API keys, webhook secrets, URLs that may carry a password) are `Secret` values: they print as `***`
+in repr(), str() and f-strings; `reveal()` is the one way to the value, for the one place that sends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from yarl import URL
+
+
+class ConfigError(ValueError):
+    """Bad or missing configuration; str() is the one line shown to the user (exit status 2)."""
+
+
+class Secret:
+    """A value that must never reach a log, an error or a page by accident."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __format__(self, spec: str) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def reveal(value: Secret | None) -> str | None:
+    return None if value is None else value.reveal()
+
+
+# -- parsers: (name shown in errors, raw text) -> value; ConfigError with one line otherwise ----------------
+
+
+def _number(name: str, raw: str, kind: type[int] | type[float]) -> float:
+    try:
+        number: float = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
+    return number
+
+
+def positive_int(name: str, raw: str) -> int:
+    number = int(_number(name, raw, int))
+    if number <= 0:
+        raise ConfigError(f"{name} must be greater than 0, got {raw}")
+    return number
+
+
+def positive_float(name: str, raw: str) -> float:
+    number = _number(name, raw, float)
+    if number <= 0:
+        raise ConfigError(f"{name} must be greater than 0, got {raw}")
+    return number
+
+
+def non_negative_float(name: str, raw: str) -> float:
+    number = _number(name, raw, float)
+    if number < 0:
+        raise ConfigError(f"{name} must not be negative, got {raw}")
+    return number
+
+
+def port(name: str, raw: str) -> int:
+    number = int(_number(name, raw, int))
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{name} must be a TCP port (0-65535), got {raw}")
+    return number
+
+
+def text(name: str, raw: str) -> str:
+    return raw
+
+
+def secret(name: str, raw: str) -> Secret:
+    return Secret(raw)
+
+
+def dsn(name: str, raw: str) -> Secret:
+    """A libpq URL or key=value DSN; the message never echoes it (it may hold a password)."""
+    try:
+        conninfo_to_dict(raw)
+    except psycopg.ProgrammingError:
+        raise ConfigError(f"{name} is not a valid libpq URL or DSN (postgresql://user@host/db)") from None
+    return Secret(raw)
+
+
+def check_url(raw: str, name: str) -> str:
+    """An http(s) URL with a host and a valid port. The message never echoes it (it may hold credentials)."""
+    try:
+        url = URL(raw)
+        valid = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise ConfigError(f"{name} must be an http(s) URL, like http://localhost:8080")
+    return raw  # as given: for an alert endpoint a trailing slash can matter
+
+
+def url(name: str, raw: str) -> Secret:
+    return Secret(check_url(raw, name))
+
+
+def public_url(name: str, raw: str) -> str:
+    return check_url(raw, name).rstrip("/")
+
+
+def words(name: str, raw: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in raw.split(",") if v.strip())
+    if not values:
+        raise ConfigError(f"{name} needs at least one value (comma-separated)")
+    return values
+
+
+def column(name: str, raw: str) -> str | None:
+    """A column name; empty or 'none' means the table has no such column."""
+    return None if raw.strip().lower() in ("", "none", "-") else raw.strip()
+
+
+# -- the declaration ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    attr: str
+    env: str
+    parse: Callable[[str, str], Any]
+    default: Any
+    help: str
+    commands: tuple[str, ...]  # which commands take it as a flag ("*": every command with a database)
+    flag: bool = True
+
+    @property
+    def flag_name(self) -> str:
+        return "--" + self.attr.replace("_", "-")
+
+    def default_text(self) -> str:
+        if self.default is None:
+            return "required" if self.attr == "database_url" else "none"
+        if isinstance(self.default, tuple):
+            return ",".join(self.default)
+        return str(self.default)
+
+
+SERVICE = ("run", "refresh", "doctor", "demo", "webhooks", "bench")
+BINDING = ("migrate", "bind")
+
+OPTIONS: tuple[Option, ...] = (
+    Option("database_url", "DATABASE_URL", dsn, None, "libpq URL or DSN of the application database", ("*",)),
+    Option("listen_database_url", "PGQR_LISTEN_DATABASE_URL", dsn, None,
+           "a direct or session-mode URL for LISTEN, when DATABASE_URL goes through a transaction pooler "
+           "(default: DATABASE_URL)", ("run", "doctor")),
+    Option("evolution_api_url", "EVOLUTION_API_URL", url, None,
+           "default Evolution base URL (a row's URL column wins)", SERVICE),
+    Option("evolution_api_key", "EVOLUTION_API_KEY", secret, None,
+           "Evolution's global key, used for rows without a token of their own", SERVICE, flag=False),
+    Option("concurrency", "PGQR_CONCURRENCY", positive_int, 100, "Evolution calls in flight", SERVICE),
+    Option("http_timeout", "PGQR_HTTP_TIMEOUT", positive_float, 15.0,
+           "seconds per Evolution call (a connect on a closed instance can take 8 s and more)", SERVICE),
+    Option("max_reply_bytes", "PGQR_MAX_REPLY_BYTES", positive_int, 1_048_576,
+           "largest Evolution reply read", SERVICE, flag=False),
+    Option("grace_seconds", "PGQR_GRACE_SECONDS", non_negative_float, 10.0,
+           "on SIGTERM, time for in-flight calls before they are cancelled", ("run",)),
+    Option("fallback_seconds", "PGQR_FALLBACK_SECONDS", positive_float, 90.0,
+           "look for due instances at least this often, even without a NOTIFY", ("run",), flag=False),
+    Option("probe_seconds", "PGQR_PROBE_SECONDS", positive_float, 30.0,
+           "idle time before the listener proves its LISTEN with a self-NOTIFY", ("run",), flag=False),
+    Option("heartbeat_seconds", "PGQR_HEARTBEAT_SECONDS", positive_float, 15.0,
+           "how often a listener says it is alive", ("run",), flag=False),
+    Option("flush_ms", "PGQR_FLUSH_MS", positive_float, 10.0,
+           "results wait at most this long before they are written back", ("run",), flag=False),
+    Option("http_host", "PGQR_HTTP_HOST", text, "127.0.0.1", "address for health, metrics and webhooks", ("run",)),
+    Option("http_port", "PGQR_HTTP_PORT", port, None, "port for health, metrics and webhooks (off when unset)",
+           ("run",)),
+    Option("webhook_secret", "PGQR_WEBHOOK_SECRET", secret, None,
+           "authenticates Evolution's webhooks (path or X-Pgqr-Token header)", ("run", "webhooks"), flag=False),
+    Option("alert_webhook_url", "PGQR_ALERT_WEBHOOK_URL", url, None,
+           "where alert transitions are POSTed (JSON)", ("run",), flag=False),
+    # the binding: which table and columns are the app's instances (pgqr migrate / pgqr bind)
+    Option("table", "PGQR_TABLE", text, "public.evolution_instances", "the app's instances table", BINDING),
+    Option("key_column", "PGQR_KEY_COLUMN", column, None,
+           "a unique NOT NULL key column (default: the single-column primary key)", BINDING),
+    Option("name_column", "PGQR_NAME_COLUMN", text, "instance_name", "the Evolution instance name", BINDING),
+    Option("status_column", "PGQR_STATUS_COLUMN", text, "instance_status", "the app's status column", BINDING),
+    Option("waiting_values", "PGQR_WAITING_VALUES", words, ("connecting",),
+           "status values that mean \"needs a QR\" (comma-separated)", BINDING),
+    Option("connected_value", "PGQR_CONNECTED_VALUE", text, "connected",
+           "status pgqr writes once the instance is connected", BINDING),
+    Option("gave_up_value", "PGQR_GAVE_UP_VALUE", column, None,
+           "status pgqr writes when Evolution gives up (QR limit, logout, delete); none: keep waiting", BINDING),
+    Option("token_column", "PGQR_TOKEN_COLUMN", column, "instance_token", "the instance's own Evolution token",
+           BINDING),
+    Option("url_column", "PGQR_URL_COLUMN", column, "evolution_url", "the instance's Evolution base URL", BINDING),
+    Option("qr_column", "PGQR_QR_COLUMN", column, "qr_code", "where the QR data URL is written", BINDING),
+    Option("qr_at_column", "PGQR_QR_AT_COLUMN", column, "last_qr_update", "when the QR was written", BINDING),
+    Option("qr_expires_column", "PGQR_QR_EXPIRES_COLUMN", column, None,
+           "the QR's estimated expiry, for a countdown", BINDING),
+    Option("pairing_column", "PGQR_PAIRING_COLUMN", column, "pairing_code", "the phone pairing code", BINDING),
+    Option("phone_column", "PGQR_PHONE_COLUMN", column, None,
+           "a phone number: pgqr asks Evolution for a pairing code for it", BINDING),
+)
+
+BINDING_ATTRS = tuple(o.attr for o in OPTIONS if o.commands == BINDING)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved settings of one command. `explicit` names the ones the user gave (flag or environment)."""
+
+    database_url: Secret
+    listen_database_url: Secret | None = None
+    evolution_api_url: Secret | None = None
+    evolution_api_key: Secret | None = None
+    concurrency: int = 100
+    http_timeout: float = 15.0
+    max_reply_bytes: int = 1_048_576
+    grace_seconds: float = 10.0
+    fallback_seconds: float = 90.0
+    probe_seconds: float = 30.0
+    heartbeat_seconds: float = 15.0
+    flush_ms: float = 10.0
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    webhook_secret: Secret | None = None
+    alert_webhook_url: Secret | None = None
+    table: str = "public.evolution_instances"
+    key_column: str | None = None
+    name_column: str = "instance_name"
+    status_column: str = "instance_status"
+    waiting_values: tuple[str, ...] = ("connecting",)
+    connected_value: str = "connected"
+    gave_up_value: str | None = None
+    token_column: str | None = "instance_token"
+    url_column: str | None = "evolution_url"
+    qr_column: str | None = "qr_code"
+    qr_at_column: str | None = "last_qr_update"
+    qr_expires_column: str | None = None
+    pairing_column: str | None = "pairing_code"
+    phone_column: str | None = None
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @property
+    def dsn(self) -> str:
+        return self.database_url.reveal()
+
+    @property
+    def listen_dsn(self) -> str:
+        return (self.listen_database_url or self.database_url).reveal()
+
+    @property
+    def default_evolution_url(self) -> str | None:
+        return reveal(self.evolution_api_url)
+
+    def binding_given(self) -> bool:
+        return any(attr in self.explicit for attr in BINDING_ATTRS)
+
+
+def _check_declaration() -> None:
+    names = {f.name for f in fields(Settings)} - {"explicit"}
+    declared = {o.attr for o in OPTIONS}
+    assert names == declared, f"Settings and OPTIONS differ: {names ^ declared}"
+    for o in OPTIONS:
+        default = next(f.default for f in fields(Settings) if f.name == o.attr)
+        assert o.attr == "database_url" or default == o.default, f"default of {o.attr} differs"
+
+
+_check_declaration()
+
+
+def options_for(command: str) -> list[Option]:
+    return [o for o in OPTIONS if o.flag and ("*" in o.commands or command in o.commands)]
+
+
+def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags of `command`, from the declaration."""
+    for o in options_for(command):
+        default = "" if o.default is None else f" or {o.default_text()}"
+        parser.add_argument(o.flag_name, dest=o.attr, default=None, metavar=o.attr.upper().split("_")[-1],
+                            help=f"{o.help} (default: ${o.env}{default})")
+
+
+def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None,
+         require_database: bool = True) -> Settings:
+    """Settings from flags (non-None attributes of args) over the environment over the defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    explicit: set[str] = set()
+    for o in OPTIONS:
+        flag = getattr(args, o.attr, None) if args is not None else None
+        if flag is not None:
+            values[o.attr] = o.parse(o.flag_name, str(flag))
+        elif environ.get(o.env) not in (None, ""):
+            values[o.attr] = o.parse(o.env, environ[o.env])
+        else:
+            continue
+        explicit.add(o.attr)
+    if "database_url" not in values:
+        if require_database:
+            raise ConfigError("DATABASE_URL is not set (e.g. postgresql://postgres@localhost:5432/app)")
+        values["database_url"] = Secret("")
+    return Settings(**values, explicit=frozenset(explicit))
+
+
+def rejected_dsn(exc: psycopg.Error, name: str = "DATABASE_URL") -> ConfigError | None:
+    """The one-line configuration error when libpq refused a URL's options before any network I/O (a bad
+    sslmode, port or timeout value), or None for a real connection failure worth retrying."""
+    message = first_line(exc)
+    if isinstance(exc, psycopg.OperationalError) and message.startswith("connection is bad: "):
+        return ConfigError(f"{name} is not usable: {message.removeprefix('connection is bad: ')}")
+    if isinstance(exc, psycopg.ProgrammingError) and ("bad value for" in message or "invalid URI" in message):
+        return ConfigError(f"{name} is not usable: {message}")
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (psycopg's name host and port, never a password)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: first line`, for logs."""
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def markdown_table(options: Iterable[Option] = OPTIONS) -> str:
+    """The README's settings table."""
+    rows = ["| setting | flag | default | meaning |", "|---|---|---|---|"]
+    for o in options:
+        flag = f"`{o.flag_name}`" if o.flag else ""
+        rows.append(f"| `{o.env}` | {flag} | {o.default_text()} | {o.help} |")
+    return "\n".join(rows)

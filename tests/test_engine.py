@@ -1,0 +1,187 @@
+"""The refresh engine: due times that follow each QR's life, a streaming pipeline, one bad reply costs nobody else."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import aiohttp
+from aiohttp import web
+from service_fixtures import Env, notifications, running_service, settled, wait_until
+from sim_fixtures import serve
+
+from pgqr import db
+from pgqr.engine import Engine
+from pgqr.evolution import EvolutionClient
+from pgqr.settings import Secret
+
+
+def md5(text: str | None) -> str | None:
+    return hashlib.md5(text.encode()).hexdigest() if text else None
+
+
+async def test_a_new_qr_is_stored_with_its_expiry_estimate_and_announced_without_image_or_token(env: Env) -> None:
+    token = env.add("shop")
+    async with notifications(env.db.dsn, "pgqr_qr_updated") as collect:
+        summary = await env.reconcile()
+        payloads = await collect(0.5)
+    row = env.row("shop")
+    assert str(row["qr_code"]).startswith("data:image/png;base64,")
+    assert row["last_qr_update"] is not None and row["qr_md5"] == md5(row["qr_code"])
+    # made during this very call or before it; it expires one lifetime (45 s) after that
+    life = (row["qr_expires_at"] - row["qr_born_after"]).total_seconds()
+    assert life == 45
+    assert row["qr_born_after"] <= row["qr_seen_at"]
+    assert row["due_at"] > row["qr_seen_at"]
+    assert [(r.instance_name, r.outcome) for r in summary.results] == [("shop", "qr_stored")]
+    assert payloads == [{"key": str(row["id"]), "event": "qr", "expires_at": payloads[0]["expires_at"]}]
+    assert token not in json.dumps(payloads) and "data:image" not in json.dumps(payloads)
+    health = env.db.query("SELECT qr_valid, qr_expires_at FROM pgqr.instance_health")
+    assert health == [{"qr_valid": True, "qr_expires_at": row["qr_expires_at"]}]
+
+
+async def test_the_same_image_again_narrows_the_estimate_and_retries_soon_without_a_write(env: Env) -> None:
+    env.add("shop")
+    await env.reconcile()
+    first = env.row("shop")
+    env.make_due("shop")
+    summary = await env.reconcile()
+    second = env.row("shop")
+    assert [r.outcome for r in summary.results] == ["qr_unchanged"]
+    assert second["qr_code"] == first["qr_code"] and second["last_qr_update"] == first["last_qr_update"]
+    assert second["repeats"] == 1
+    # still current when seen again, so it was made no earlier than a lifetime before that
+    assert second["qr_born_after"] >= first["qr_born_after"]
+    # an unchanged image retries within retry_max_seconds (5 s), not at the next minute
+    retry = (second["due_at"] - second["last_poll_at"]).total_seconds()
+    assert 0.9 <= retry <= 5.5
+
+
+async def test_a_rotation_is_picked_up_within_a_few_seconds_by_polling_alone(env: Env) -> None:
+    """Evolution rotates every 6 s here; pgqr, told the lifetime, keeps the stored QR equal to Evolution's."""
+    env.set("qr_lifetime_seconds", "6")
+    env.sim.config.qr_ttl = 6
+    env.add("shop")
+    async with running_service(env.settings()):
+        await wait_until(lambda: env.row("shop")["qr_code"] is not None, 10, "the first QR")
+        seen = {env.row("shop")["qr_code"]}
+        for _ in range(3):
+            current = env.row("shop")["qr_code"]
+            await wait_until(lambda current=current: env.row("shop")["qr_code"] != current, 15, "a rotation")
+            # the QR stored is the one Evolution holds now, not an old one
+            assert env.row("shop")["qr_code"] == env.sim._instances["shop"].base64
+            seen.add(env.row("shop")["qr_code"])
+        assert len(seen) == 4
+
+
+async def test_a_replica_never_calls_one_instance_twice_at_once(env: Env) -> None:
+    env.sim.config.latency = 0.2
+    for i in range(30):
+        env.add(f"shop-{i:02d}")
+    results = await asyncio.gather(env.reconcile("replica-a"), env.reconcile("replica-b"), env.reconcile("replica-c"))
+    names = [r.instance_name for summary in results for r in summary.results]
+    assert sorted(names) == [f"shop-{i:02d}" for i in range(30)]
+    for i in range(30):
+        assert env.sim.stats(f"shop-{i:02d}").max_concurrent_connects == 1
+
+
+async def test_a_webhook_is_answered_while_a_large_write_back_is_in_flight(env: Env) -> None:
+    """The write-back of a reconcile and a webhook use different connections: the webhook does not queue."""
+    env.sim.config.latency = 0.05
+    for i in range(200):
+        env.add(f"bulk-{i:03d}", triggers=False)
+    env.add("hooked")
+    settings = env.settings(http_port=0, webhook_secret=Secret("s3"),
+                            concurrency=50)
+    async with running_service(settings) as service:
+        await settled(service)
+        env.make_due()
+        env.tick()
+        url = f"http://127.0.0.1:{service.http_port}/webhooks/evolution/s3"
+        body = {"event": "qrcode.updated", "instance": "hooked",
+                "data": {"qrcode": {"instance": "hooked", "code": "2@x", "base64": "data:image/png;base64,HOOK"}}}
+        async with aiohttp.ClientSession() as http:
+            await wait_until(lambda: bool(service.engine.in_flight), 10, "the reconcile to be under way")
+            async with http.post(url, json=body) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["qr_updated"] is True
+        assert env.row("hooked")["qr_code"] == "data:image/png;base64,HOOK"
+
+
+async def test_an_out_of_range_count_costs_only_its_own_instance(env: Env) -> None:
+    """50 good replies and one whose count does not fit an integer: the 50 are refreshed."""
+    good = {"code": "2@abc", "base64": "data:image/png;base64,GOOD", "count": 1, "pairingCode": None}
+
+    async def connect(request: web.Request) -> web.Response:
+        if request.match_info["name"] == "bad":
+            return web.json_response({**good, "count": 99999999999})
+        return web.json_response(good)
+
+    app = web.Application()
+    app.router.add_get("/instance/connect/{name}", connect)
+    async with serve(app) as base_url:
+        for i in range(50):
+            env.add(f"good-{i:02d}", sim_state=None)
+        env.add("bad", sim_state=None)
+        summary = await env.reconcile(evolution_api_url=Secret(base_url))
+    outcomes = {r.instance_name: (r.outcome, r.error_class) for r in summary.results}
+    assert outcomes.pop("bad") == ("failed", "bad_reply")
+    assert set(outcomes.values()) == {("qr_stored", None)} and len(outcomes) == 50
+    assert env.row("good-00")["qr_code"] == good["base64"]
+    assert env.row("bad")["qr_code"] is None and env.row("bad")["last_error_class"] == "bad_reply"
+
+
+async def test_a_timing_out_instance_does_not_hold_back_the_others_write_back(env: Env) -> None:
+    hang = asyncio.Event()
+
+    async def connect(request: web.Request) -> web.Response:
+        if request.match_info["name"] == "slow":
+            await hang.wait()
+        return web.json_response({"code": "2@a", "base64": "data:image/png;base64,FAST", "count": 1})
+
+    app = web.Application()
+    app.router.add_get("/instance/connect/{name}", connect)
+    async with serve(app) as base_url:
+        env.add("slow", sim_state=None)
+        for i in range(5):
+            env.add(f"fast-{i}", sim_state=None)
+        settings = env.settings(evolution_api_url=Secret(base_url),
+                                http_timeout=30.0)
+        pool = db.Pool(env.db.dsn, size=3)
+        await pool.open()
+        async with EvolutionClient(timeout=30) as client:
+            engine = Engine(settings, pool, client, "owner")
+            run = asyncio.create_task(engine.run_once())
+            try:
+                await wait_until(lambda: all(env.row(f"fast-{i}")["qr_code"] for i in range(5)), 10,
+                                 "the fast instances' QRs while the slow one still hangs")
+                assert not run.done() and env.row("slow")["lease_owner"] == "owner"
+            finally:
+                hang.set()
+                await run
+                await engine.close()
+        await pool.close()
+
+
+async def test_a_repeated_connection_update_writes_nothing(env: Env) -> None:
+    env.add("flappy")
+    key = str(env.row("flappy")["id"])
+    pool = db.Pool(env.db.dsn, size=2)
+    await pool.open()
+    try:
+        event = db.Result(key=key, source="webhook", outcome="event", evolution_state="connecting")
+        assert [r.applied for r in await db.record_results(pool, "w", [event])] == [True]
+        before = env.db.value("SELECT pg_current_wal_insert_lsn()::text")
+        log_rows = len(env.log("flappy"))
+        for _ in range(30):
+            assert await db.record_results(pool, "w", [event]) == []
+        after = env.db.value("SELECT pg_current_wal_insert_lsn()::text")
+        assert len(env.log("flappy")) == log_rows
+        # positive control: a different state is written
+        changed = db.Result(key=key, source="webhook", outcome="event", evolution_state="close")
+        assert [r.applied for r in await db.record_results(pool, "w", [changed])] == [True]
+        assert env.row("flappy")["evolution_state"] == "close"
+    finally:
+        await pool.close()
+    assert isinstance(before, str) and isinstance(after, str)
