@@ -120,9 +120,11 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from . import simulator
+    # Imported here, never at module level: `pgqr run` and the other commands must not load the simulator
+    # (an optional extra). It parses its own flags.
+    from .simulator import cli as simulator_cli
 
-    return asyncio.run(simulator.serve_forever(args))
+    return simulator_cli.main(args.simulate_args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -159,10 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_refresh)
 
-    from . import simulator
-
-    p = sub.add_parser("simulate", help="an Evolution API simulator on loopback")
-    simulator.add_arguments(p)
+    # Every argument after `simulate` belongs to the simulator's own parser (pgqr.simulator.cli), so the
+    # simulator is imported only when it runs. No option prefix here: REMAINDER alone would leave a leading
+    # --flag to this parser, which rejects it.
+    p = sub.add_parser("simulate", add_help=False, prefix_chars="\0",
+                       help="an Evolution API simulator on loopback (pgqr simulate --help)")
+    p.add_argument("simulate_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="throwaway PostgreSQL + pg_cron + simulator + listener, with a live table")

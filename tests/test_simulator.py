@@ -208,11 +208,14 @@ async def test_guard_order_and_error_bodies(simulator: Simulator) -> None:
     )
 
 
+NEW = {"instanceName": "new", "integration": "WHATSAPP-BAILEYS"}
+
+
 async def test_create_and_fetch_instances(simulator: Simulator) -> None:
-    status, created = await api(simulator, "POST", "/instance/create", json={"instanceName": "new"})
+    status, created = await api(simulator, "POST", "/instance/create", json=NEW)
     assert status == 201 and isinstance(created["hash"], str)
     assert created["instance"]["instanceName"] == "new" and created["instance"]["status"] == "close"
-    status, dup = await api(simulator, "POST", "/instance/create", json={"instanceName": "new"})
+    status, dup = await api(simulator, "POST", "/instance/create", json=NEW)
     assert status == 403 and dup["response"]["message"] == ['This name "new" is already in use.']
     simulator.add_instance("other")
     _, everything = await api(simulator, "GET", "/instance/fetchInstances")
