@@ -108,10 +108,15 @@ async def test_another_instances_token_is_unauthorized(
     assert_no_secret(assert_failure(reply, "unauthorized", transient=False, status=401), other_token)
 
 
-async def test_error_true_body_is_api_error(simulator: Simulator, evolution_client: EvolutionClient) -> None:
+async def test_an_instance_not_in_memory_is_transient_not_loaded(
+    simulator: Simulator, evolution_client: EvolutionClient
+) -> None:
     simulator.add_instance("shop", mode="not_in_memory")
     reply = await evolution_client.connect(simulator.base_url, "shop", simulator.config.api_key)
-    assert_failure(reply, "api_error", transient=False, status=200)
+    assert_failure(reply, "not_loaded", transient=True, status=200)
+    simulator.reload("shop")  # Evolution reloaded it: the same call now succeeds
+    again = await evolution_client.connect(simulator.base_url, "shop", simulator.config.api_key)
+    assert isinstance(again.outcome, QrCode)
 
 
 async def test_empty_body_is_empty_reply(simulator: Simulator, evolution_client: EvolutionClient) -> None:
@@ -215,6 +220,7 @@ CANNED: dict[str, tuple[int, bytes, dict[str, str]]] = {
     "no-state": (200, b'{"instance": {"instanceName": "x"}}', {}),
     "teapot": (418, b"{}", {}),
     "throttled": (429, b"", {}),
+    "other-error": (200, b'{"error": true, "message": "something else"}', {}),
     "redirect": (302, b"", {"Location": "http://elsewhere.invalid/"}),
     "bad-gateway": (502, b"<html>bad gateway</html>", {}),
 }
@@ -248,7 +254,8 @@ async def canned_url() -> AsyncIterator[str]:
         ("json-odd", "bad_reply", False, 200),
         ("bad-count", "bad_reply", False, 200),
         ("teapot", "http_error", False, 418),
-        ("throttled", "http_error", True, 429),
+        ("throttled", "throttled", True, 429),
+        ("other-error", "api_error", False, 200),
         ("redirect", "http_error", False, 302),
         ("bad-gateway", "server_error", True, 502),
     ],
