@@ -75,6 +75,11 @@ class _Routes:
             return inst
         return replies.unauthorized()
 
+    async def _delay(self) -> None:
+        """config.latency, spent inside each call (so it counts towards the call's concurrency)."""
+        if self.sim.config.latency > 0:
+            await asyncio.sleep(self.sim.config.latency)
+
     async def _fault(self, inst: Instance, request: web.Request, healthy: Any) -> web.StreamResponse | None:
         """The reply of an instance in a fault mode (None when it is healthy)."""
         mode = self.sim.fault(inst)
@@ -84,6 +89,7 @@ class _Routes:
         return await fault_reply(mode, request, self.sim.config, self.sim.stopping, body)
 
     async def welcome(self, request: web.Request) -> web.Response:
+        await self._delay()
         return web.json_response({
             "status": 200,
             "message": "Welcome to the Evolution API, it is working!",
@@ -98,6 +104,7 @@ class _Routes:
         if isinstance(guarded, web.Response):
             return guarded
         with guarded.calls.call("connect", time.monotonic()):
+            await self._delay()
             return await self._connect(guarded, request)
 
     async def _connect(self, inst: Instance, request: web.Request) -> web.StreamResponse:
@@ -129,6 +136,7 @@ class _Routes:
             return guarded
         inst = guarded
         with inst.calls.call("state", time.monotonic()):
+            await self._delay()
             self.sim.settle(inst)
             # Only reads the in-memory state: no side effect; no `state` for an instance not in memory.
             body: dict[str, Any] = {"instance": {"instanceName": inst.name}}
@@ -139,6 +147,7 @@ class _Routes:
             return web.json_response(body)
 
     async def create(self, request: web.Request) -> web.Response:
+        await self._delay()
         sim = self.sim
         if not sim.is_global_key(request.headers.get("apikey", "")):
             return replies.unauthorized()
@@ -192,6 +201,7 @@ class _Routes:
         }
 
     async def fetch_instances(self, request: web.Request) -> web.Response:
+        await self._delay()
         key = request.headers.get("apikey", "")
         everyone = list(self.sim.instances.values())
         # With the global key every instance; with an instance token (DATABASE_SAVE_DATA_INSTANCE=true) only
@@ -211,6 +221,7 @@ class _Routes:
         return web.json_response([replies.instance_row(i) for i in visible])
 
     async def logout(self, request: web.Request) -> web.Response:
+        await self._delay()
         guarded = self._guard(request)
         if isinstance(guarded, web.Response):
             return guarded
@@ -222,6 +233,7 @@ class _Routes:
         return web.json_response({"status": "SUCCESS", "error": False, "response": {"message": "Instance logged out"}})
 
     async def delete(self, request: web.Request) -> web.Response:
+        await self._delay()
         guarded = self._guard(request)
         if isinstance(guarded, web.Response):
             return guarded
@@ -229,6 +241,7 @@ class _Routes:
         return web.json_response({"status": "SUCCESS", "error": False, "response": {"message": "Instance deleted"}})
 
     async def webhook_set(self, request: web.Request) -> web.StreamResponse:
+        await self._delay()
         guarded = self._guard(request)
         if isinstance(guarded, web.Response):
             return guarded
@@ -250,6 +263,7 @@ class _Routes:
         return web.json_response(guarded.webhook, status=201)
 
     async def webhook_find(self, request: web.Request) -> web.StreamResponse:
+        await self._delay()
         guarded = self._guard(request)
         if isinstance(guarded, web.Response):
             return guarded

@@ -42,7 +42,7 @@ class Simulator:
         self._scheduled: dict[str, tuple[int, int]] = {}  # name -> (generation, k) of its live heap entry
         self._seen_global_url = config.global_webhook_url
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(middlewares=[routes.not_found_middleware, self._latency_middleware])
+        self.app = web.Application(middlewares=[routes.not_found_middleware])
         routes.add_routes(self.app, self)
         control.add_routes(self.app, self)
 
@@ -157,6 +157,11 @@ class Simulator:
             out[inst.name] = {"state": inst.state, "md5": md5, "count": inst.count(now)}
         return out
 
+    @property
+    def pending_pushes(self) -> int:
+        """Instances with a step in the scheduler (a QR to post, a flip): none without webhooks or flapping."""
+        return len(self._scheduled)
+
     def get(self, name: str) -> Instance:
         try:
             return self.instances[name]
@@ -188,12 +193,6 @@ class Simulator:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    @web.middleware
-    async def _latency_middleware(self, request: web.Request, handler: routes.Handler) -> web.StreamResponse:
-        if self.config.latency > 0 and not request.path.startswith("/_sim"):
-            await asyncio.sleep(self.config.latency)
-        return await handler(request)
 
     # ---- Evolution's operations (used by routes.py) ----
 
