@@ -80,12 +80,15 @@ class _Routes:
         if self.sim.config.latency > 0:
             await asyncio.sleep(self.sim.config.latency)
 
-    async def _fault(self, inst: Instance, request: web.Request, healthy: Any) -> web.StreamResponse | None:
-        """The reply of an instance in a fault mode (None when it is healthy)."""
+    async def _fault(
+        self, inst: Instance, request: web.Request, healthy: Callable[[], Any]
+    ) -> web.StreamResponse | None:
+        """The reply of an instance in a fault mode (None when it is healthy); `healthy` makes the body a
+        healthy reply would carry (a slow drip sends it)."""
         mode = self.sim.fault(inst)
         if mode is None:
             return None
-        body = json.dumps(healthy).encode()
+        body = json.dumps(healthy()).encode()
         return await fault_reply(mode, request, self.sim.config, self.sim.stopping, body)
 
     async def welcome(self, request: web.Request) -> web.Response:
@@ -114,7 +117,7 @@ class _Routes:
             return await fault_reply("hang", request, config, sim.stopping, b"")
         if roll < config.timeout_rate + config.error_rate:
             return await fault_reply("http_500", request, config, sim.stopping, b"")
-        if (faulted := await self._fault(inst, request, sim.qr_body(inst))) is not None:
+        if (faulted := await self._fault(inst, request, lambda: sim.qr_body(inst))) is not None:
             return faulted
         if inst.mode == "not_in_memory":
             return replies.not_loaded()
@@ -142,7 +145,7 @@ class _Routes:
             body: dict[str, Any] = {"instance": {"instanceName": inst.name}}
             if inst.mode != "not_in_memory":
                 body["instance"]["state"] = inst.state
-            if (faulted := await self._fault(inst, request, body)) is not None:
+            if (faulted := await self._fault(inst, request, lambda: body)) is not None:
                 return faulted
             return web.json_response(body)
 
@@ -258,7 +261,7 @@ class _Routes:
         guarded.webhook = webhook_row(guarded.webhook, hook, instance_id=guarded.instance_id,
                                       new_id=self.sim.new_uuid())
         self.sim.webhook_changed(guarded)
-        if (faulted := await self._fault(guarded, request, guarded.webhook)) is not None:
+        if (faulted := await self._fault(guarded, request, lambda: guarded.webhook)) is not None:
             return faulted
         return web.json_response(guarded.webhook, status=201)
 
@@ -267,7 +270,7 @@ class _Routes:
         guarded = self._guard(request)
         if isinstance(guarded, web.Response):
             return guarded
-        if (faulted := await self._fault(guarded, request, guarded.webhook)) is not None:
+        if (faulted := await self._fault(guarded, request, lambda: guarded.webhook)) is not None:
             return faulted
         return web.json_response(guarded.webhook)  # the row, or null
 
