@@ -188,9 +188,11 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    # Imported here, never at module level: `pgqr run` and the other commands must not load the simulator
+    # (an optional extra). It parses its own flags.
     from .simulator import cli as simulator_cli
 
-    result: int = simulator_cli.main(args.rest)
+    result: int = simulator_cli.main(args.simulate_args)
     return result
 
 
@@ -245,9 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
                  "also drops schema pgqr", settings="uninstall")
     p.add_argument("--drop-data", action="store_true",
                    help="also drop schema pgqr (state, history, settings); the app's table and rows stay")
+    # Every argument after `simulate` belongs to the simulator's own parser (pgqr.simulator.cli), so the
+    # simulator is imported only when it runs. No option prefix here: REMAINDER alone would leave a leading
+    # --flag to this parser, which rejects it.
     p = _command(sub, "simulate", cmd_simulate, "an Evolution API simulator on loopback (`pgqr simulate --help`)",
-                 add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+                 add_help=False, prefix_chars="\0")
+    p.add_argument("simulate_args", nargs=argparse.REMAINDER)
     p = _command(sub, "demo", cmd_demo, "throwaway PostgreSQL + pg_cron + simulator + listener, live")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--scan-after", type=float, default=20.0, help="seconds before one instance gets scanned")

@@ -8,47 +8,96 @@ appear in an outcome, a log line or an exception message.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 from yarl import URL
 
 __all__ = [
+    "ERROR_CLASSES",
     "Connected",
     "ErrorClass",
+    "ErrorClassInfo",
     "EvolutionClient",
+    "EvolutionState",
     "Failure",
+    "InstanceList",
+    "InstanceRow",
     "NoQrYet",
+    "NoWebhook",
     "Outcome",
     "QrCode",
     "Reply",
+    "WebhookConfig",
     "classify_connect_reply",
+    "classify_connection_state_reply",
+    "classify_fetch_instances_reply",
+    "classify_webhook_reply",
 ]
 
 ErrorClass = Literal[
-    "not_found",
-    "unauthorized",
-    "api_error",
-    "empty_reply",
-    "bad_reply",
-    "not_activated",
-    "http_error",
-    "too_large",
-    "server_error",
-    "timeout",
-    "network",
-    # an instance that cannot be called: no or a malformed base URL, no key
-    "config",
-    # never returned by the client: the reconcile loop's class for a bug it caught around one call
+    "not_found", "unauthorized", "not_loaded", "api_error", "empty_reply", "bad_reply", "bad_request",
+    "not_activated", "http_error", "throttled", "too_large", "server_error", "timeout", "network", "config",
     "internal",
 ]
+
+
+@dataclass(frozen=True)
+class ErrorClassInfo:
+    transient: bool  # retry soon: the same call is expected to succeed later without anyone changing anything
+    meaning: str
+    backoff_base: float  # seconds before the first retry; a transient class doubles it per failure
+    backoff_max: float   # the cap (a permanent class always waits backoff_base: someone must fix something)
+
+
+# The one table of error classes: Failure.transient comes from here; `pgqr migrate` copies it into
+# pgqr.error_classes (where the write path reads the backoff) and the README lists it.
+ERROR_CLASSES: dict[str, ErrorClassInfo] = {
+    "not_found": ErrorClassInfo(False, "Evolution has no instance of that name, or the base URL is wrong (404)",
+                                1800, 1800),
+    "unauthorized": ErrorClassInfo(False, "the API key or instance token was rejected (401)", 1800, 1800),
+    "not_loaded": ErrorClassInfo(
+        True, "the instance is in Evolution's database but not loaded in memory yet (after a restart); "
+              "recovers in seconds", 2, 60),
+    "api_error": ErrorClassInfo(False, "Evolution answered 200 with an error object", 1800, 1800),
+    "empty_reply": ErrorClassInfo(False, "200 with an empty body (Evolution v1.8's controller error)", 300, 300),
+    "bad_reply": ErrorClassInfo(
+        False, "a reply Evolution does not send: not JSON, another shape, a field of the wrong type or range",
+        300, 300),
+    "bad_request": ErrorClassInfo(False, "Evolution refused the request body as invalid (400)", 1800, 1800),
+    "not_activated": ErrorClassInfo(False, "Evolution 2.4 is not activated (503 LICENSE_REQUIRED)", 1800, 1800),
+    "http_error": ErrorClassInfo(False, "an HTTP status Evolution does not send here (a redirect, another 4xx)",
+                                 900, 900),
+    "throttled": ErrorClassInfo(True, "a proxy in front of Evolution throttled or timed out the call (408, 429)",
+                                10, 300),
+    "too_large": ErrorClassInfo(False, "the reply was larger than the size cap", 300, 300),
+    "server_error": ErrorClassInfo(True, "Evolution or a proxy in front of it failed (5xx)", 10, 600),
+    "timeout": ErrorClassInfo(True, "no complete reply within the timeout (a connect on a closed instance can "
+                                    "take 8 s and more: backs off, never retried at once)", 10, 300),
+    "network": ErrorClassInfo(True, "the connection failed (refused, reset, name resolution)", 5, 300),
+    "config": ErrorClassInfo(
+        True, "the instance cannot be called as configured (no or a malformed base URL, no key, the name . "
+              "or ..); retried, so a fixed row heals", 60, 900),
+    "internal": ErrorClassInfo(
+        True, "a bug caught around one call (the reconcile loop's class; the client never returns it)", 30, 900),
+}
+
+
+def error_class_table() -> str:
+    """The README's table of error classes."""
+    rows = ["| class | transient | first retry | cap | meaning |", "|---|---|---|---|---|"]
+    for name, info in ERROR_CLASSES.items():
+        rows.append(f"| `{name}` | {'yes' if info.transient else 'no'} | {info.backoff_base:g} s | "
+                    f"{info.backoff_max:g} s | {info.meaning} |")
+    return "\n".join(rows)
 
 
 @dataclass(frozen=True)
@@ -88,6 +137,57 @@ class Failure:
 
 
 Outcome = QrCode | NoQrYet | Connected | Failure
+StateName = Literal["open", "connecting", "close"]
+
+
+@dataclass(frozen=True)
+class EvolutionState:
+    """connectionState: the in-memory state, or None for an instance Evolution has not loaded."""
+
+    state: StateName | None
+    http_status: int = 200
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """One fetchInstances row. The row's `token` is never kept: only whether it equals the key that asked."""
+
+    name: str
+    connection_status: str | None
+    holds_key: bool
+
+
+@dataclass(frozen=True)
+class InstanceList:
+    rows: tuple[InstanceRow, ...]
+    http_status: int = 200
+
+    @property
+    def key_scope(self) -> Literal["global", "instance", "unknown"]:
+        """A global key sees every instance; an instance token only the row(s) holding it (section 9)."""
+        if any(not row.holds_key for row in self.rows):
+            return "global"
+        return "instance" if self.rows else "unknown"
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """A webhook/set or webhook/find row. Header values may be secrets: only their names are kept."""
+
+    url: str = field(repr=False)  # may carry the receiver's secret in its path
+    enabled: bool
+    events: tuple[str, ...]
+    by_events: bool
+    base64: bool
+    header_names: tuple[str, ...]
+    http_status: int = 200
+
+
+@dataclass(frozen=True)
+class NoWebhook:
+    """webhook/find answered null: no webhook is set for the instance."""
+
+    http_status: int = 200
 
 
 @dataclass(frozen=True)
@@ -100,11 +200,16 @@ class Reply:
 # something Evolution sends, so it is reported as bad_reply instead of silently "no QR".
 _QR_KEYS = frozenset({"code", "base64", "count", "pairingCode"})
 _CHUNK = 64 * 1024
+_MAX_COUNT = 2**31 - 1  # Evolution's count is a JS number kept in an int column; more is not a count
+_MAX_PAIRING = 32  # Evolution's pairing codes have 8 characters
+_STATES: tuple[StateName, ...] = ("open", "connecting", "close")
+_NOT_LOADED = {"error": True, "message": "[object Object]"}
+WEBHOOK_EVENTS = ("QRCODE_UPDATED", "CONNECTION_UPDATE")
 
 
-def _fail(error_class: ErrorClass, status: int | None, what: str, *, transient: bool = False) -> Failure:
+def _fail(error_class: ErrorClass, status: int | None, what: str) -> Failure:
     prefix = f"HTTP {status}: " if status is not None else ""
-    return Failure(error_class, transient, status, prefix + what)
+    return Failure(error_class, ERROR_CLASSES[error_class].transient, status, prefix + what)
 
 
 def _parse_json(body: bytes) -> Any:
@@ -133,43 +238,66 @@ def _classify_error_status(status: int, body: bytes) -> Failure:
         if isinstance(parsed, dict) and parsed.get("code") == "LICENSE_REQUIRED":
             return _fail("not_activated", status, "Evolution API is not activated (LICENSE_REQUIRED)")
     if status >= 500:
-        return _fail("server_error", status, "server error", transient=True)
+        return _fail("server_error", status, "server error")
     # Evolution itself never sends 408/429 (no rate limiting), but a proxy in front of it may,
     # and both mean "try again later".
     if status in (408, 429):
-        return _fail("http_error", status, "request throttled or timed out by a proxy", transient=True)
+        return _fail("throttled", status, "request throttled or timed out by a proxy")
+    if status == 400:
+        return _fail("bad_request", status, "Evolution refused the request as invalid")
     if 300 <= status < 400:
         # Redirects are not followed so the apikey header never travels to another host.
         return _fail("http_error", status, "unexpected redirect (check the base URL)")
     return _fail("http_error", status, "unexpected client error")
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
+
+
+def _qr_fields_problem(parsed: dict[str, Any]) -> str | None:
+    """Why the QR getter's fields are not what Evolution sends (None when they are)."""
+    count, pairing = parsed.get("count"), parsed.get("pairingCode")
+    code, b64 = parsed.get("code"), parsed.get("base64")
+    if count is not None and not _is_count(count):
+        return f"count is not an integer in 0..{_MAX_COUNT}"
+    if pairing is not None and not (isinstance(pairing, str) and 0 < len(pairing) <= _MAX_PAIRING):
+        return "pairingCode is not a short string"
+    if code is not None and not (isinstance(code, str) and code):
+        return "code is not a string"
+    if b64 is not None and not (isinstance(b64, str) and b64.startswith("data:image/")):
+        return "base64 is not a data:image/ URL"
+    if (code is None) != (b64 is None):
+        return "code and base64 come together"
+    return None
+
+
 def _classify_qr_body(status: int, parsed: dict[str, Any]) -> Outcome:
     """Map a 2xx JSON object from /instance/connect to an outcome."""
     if parsed.get("error") is True:
-        # Evolution's controller catch: instance row exists but is not loaded in memory.
-        return _fail("api_error", status, "Evolution returned an error object (instance not loaded?)")
+        if parsed == _NOT_LOADED:
+            # The controller's catch for a DB row not (yet) in memory: Evolution reloads it within seconds.
+            return _fail("not_loaded", status, "the instance is not loaded in Evolution's memory yet")
+        return _fail("api_error", status, "Evolution returned an error object")
     instance = parsed.get("instance")
     if isinstance(instance, dict):
-        if instance.get("state") == "open":
-            return Connected(http_status=status)
-        return NoQrYet(count=None, http_status=status)
+        state = instance.get("state")
+        if state is not None and state not in _STATES:
+            return _fail("bad_reply", status, "instance.state is not open, connecting or close")
+        return Connected(http_status=status) if state == "open" else NoQrYet(count=None, http_status=status)
     if not _QR_KEYS & parsed.keys():
         return _fail("bad_reply", status, "reply has an unexpected shape")
-    count = parsed.get("count")
-    pairing = parsed.get("pairingCode")
-    if (count is not None and (not isinstance(count, int) or isinstance(count, bool))) or (
-        pairing is not None and not isinstance(pairing, str)
-    ):
-        return _fail("bad_reply", status, "reply fields have unexpected types")
+    if (problem := _qr_fields_problem(parsed)) is not None:
+        return _fail("bad_reply", status, problem)
+    count, pairing = parsed.get("count"), parsed.get("pairingCode")
     code, b64 = parsed.get("code"), parsed.get("base64")
-    if isinstance(code, str) and code and isinstance(b64, str) and b64:
+    if isinstance(code, str) and isinstance(b64, str):
         return QrCode(code=code, base64=b64, pairing_code=pairing, count=count, http_status=status)
     return NoQrYet(count=count, http_status=status)
 
 
-def classify_connect_reply(status: int, body: bytes) -> Outcome:
-    """Pure mapping of one /instance/connect HTTP reply to an outcome."""
+def _json_reply(status: int, body: bytes) -> Failure | Any:
+    """The JSON value of a 2xx reply, or the Failure for a non-2xx, empty or non-JSON one."""
     if not 200 <= status < 300:
         return _classify_error_status(status, body)
     if not body.strip():
@@ -177,9 +305,70 @@ def classify_connect_reply(status: int, body: bytes) -> Outcome:
     parsed = _parse_json(body)
     if parsed is _NOT_JSON:
         return _fail("bad_reply", status, "reply is not JSON")
+    return parsed
+
+
+def classify_connect_reply(status: int, body: bytes) -> Outcome:
+    """Pure mapping of one /instance/connect HTTP reply to an outcome."""
+    parsed = _json_reply(status, body)
+    if isinstance(parsed, Failure):
+        return parsed
     if not isinstance(parsed, dict):
         return _fail("bad_reply", status, "reply has an unexpected shape")
     return _classify_qr_body(status, parsed)
+
+
+def classify_connection_state_reply(status: int, body: bytes) -> EvolutionState | Failure:
+    """/instance/connectionState: {"instance": {"instanceName", "state"?}}; no state = not in memory."""
+    parsed = _json_reply(status, body)
+    if isinstance(parsed, Failure):
+        return parsed
+    instance = parsed.get("instance") if isinstance(parsed, dict) else None
+    if not isinstance(instance, dict) or not isinstance(instance.get("instanceName"), str):
+        return _fail("bad_reply", status, "reply has an unexpected shape")
+    state = instance.get("state")
+    if state is None:
+        return EvolutionState(None, status)
+    if state not in _STATES:
+        return _fail("bad_reply", status, "instance.state is not open, connecting or close")
+    return EvolutionState(state, status)
+
+
+def classify_fetch_instances_reply(status: int, body: bytes, key: str) -> InstanceList | Failure:
+    """/instance/fetchInstances (v2): an array of DB rows; each row's token is compared with `key`, not kept."""
+    parsed = _json_reply(status, body)
+    if isinstance(parsed, Failure):
+        return parsed
+    if not isinstance(parsed, list):
+        return _fail("bad_reply", status, "reply is not an array of instances")
+    rows = []
+    for row in parsed:
+        name = row.get("name") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not isinstance(name, str):
+            return _fail("bad_reply", status, "an instance row has no name")
+        token, connection = row.get("token"), row.get("connectionStatus")
+        holds_key = isinstance(token, str) and hmac.compare_digest(token.encode(), key.encode())
+        rows.append(InstanceRow(name, connection if isinstance(connection, str) else None, holds_key))
+    return InstanceList(tuple(rows), status)
+
+
+def classify_webhook_reply(status: int, body: bytes) -> WebhookConfig | NoWebhook | Failure:
+    """/webhook/set (201 and the row) and /webhook/find (the row, or null)."""
+    parsed = _json_reply(status, body)
+    if isinstance(parsed, Failure):
+        return parsed
+    if parsed is None:
+        return NoWebhook(status)
+    if not isinstance(parsed, dict):
+        return _fail("bad_reply", status, "reply has an unexpected shape")
+    url, enabled, events = parsed.get("url"), parsed.get("enabled"), parsed.get("events")
+    headers = parsed.get("headers")
+    if (not isinstance(url, str) or not isinstance(enabled, bool) or not isinstance(events, list)
+            or not all(isinstance(e, str) for e in events) or not isinstance(headers, dict | None)):
+        return _fail("bad_reply", status, "the webhook row has unexpected fields")
+    return WebhookConfig(
+        url=url, enabled=enabled, events=tuple(events), by_events=parsed.get("webhookByEvents") is True,
+        base64=parsed.get("webhookBase64") is True, header_names=tuple(sorted(headers or {})), http_status=status)
 
 
 def _classify_check_reply(status: int, body: bytes) -> Outcome:
@@ -189,7 +378,7 @@ def _classify_check_reply(status: int, body: bytes) -> Outcome:
     return _classify_error_status(status, body)
 
 
-_Classifier = Callable[[int, bytes], Outcome]
+_T = TypeVar("_T")
 
 
 class _TooLarge(Exception):
@@ -238,18 +427,58 @@ class EvolutionClient:
         self, base_url: str, instance_name: str, apikey: str, *, number: str | None = None
     ) -> Reply:
         """GET /instance/connect/{name}; `number` asks Evolution for a phone pairing code."""
-        base = base_url.rstrip("/")
-        url = f"{base}/instance/connect/{quote(instance_name, safe='')}"
+        url = _instance_url(base_url, "instance/connect", instance_name)
+        if isinstance(url, Failure):
+            return Reply(url, 0.0)
         if number is not None:
             url += f"?number={quote(number, safe='')}"
         # Concurrent connects while `close` each open a WhatsApp socket (section 5): serialise them.
-        async with self._serialised(base, instance_name):
-            return await self._call(url, apikey, classify_connect_reply)
+        async with self._serialised(base_url.rstrip("/"), instance_name):
+            return Reply(*await self._timed_call("GET", url, apikey, classify_connect_reply))
+
+    async def connection_state(self, base_url: str, instance_name: str, apikey: str) -> EvolutionState | Failure:
+        """GET /instance/connectionState/{name}: Evolution's in-memory state, read without side effects."""
+        url = _instance_url(base_url, "instance/connectionState", instance_name)
+        if isinstance(url, Failure):
+            return url
+        return await self._call("GET", url, apikey, classify_connection_state_reply)
+
+    async def fetch_instances(self, base_url: str, apikey: str) -> InstanceList | Failure:
+        """GET /instance/fetchInstances: every instance for the global key, only its own for an instance token."""
+        url = f"{base_url.rstrip('/')}/instance/fetchInstances"
+        return await self._call("GET", url, apikey, lambda s, b: classify_fetch_instances_reply(s, b, apikey))
+
+    async def set_webhook(
+        self, base_url: str, instance_name: str, apikey: str, *, url: str, headers: dict[str, str] | None = None,
+        events: Sequence[str] = WEBHOOK_EVENTS,
+    ) -> WebhookConfig | Failure:
+        """POST /webhook/set/{name} with v2's nested body (>= 2.1.0) and an explicit event list: without one
+        Evolution 2.3 answers 500, and `[]` would subscribe to every event."""
+        target = _instance_url(base_url, "webhook/set", instance_name)
+        if isinstance(target, Failure):
+            return target
+        hook: dict[str, Any] = {"enabled": True, "url": url, "byEvents": False, "base64": False,
+                                "events": list(events)}
+        if headers is not None:
+            hook["headers"] = headers
+        row = await self._call("POST", target, apikey, classify_webhook_reply, body={"webhook": hook})
+        if isinstance(row, NoWebhook):  # set answers the stored row, never null
+            return _fail("bad_reply", row.http_status, "webhook/set answered null")
+        return row
+
+    async def find_webhook(
+        self, base_url: str, instance_name: str, apikey: str
+    ) -> WebhookConfig | NoWebhook | Failure:
+        """GET /webhook/find/{name}: the instance's webhook row, or NoWebhook."""
+        url = _instance_url(base_url, "webhook/find", instance_name)
+        if isinstance(url, Failure):
+            return url
+        return await self._call("GET", url, apikey, classify_webhook_reply)
 
     async def check_key(self, base_url: str, apikey: str) -> Reply:
         """GET /instance/fetchInstances: NoQrYet(count=None) means the key is accepted."""
         url = f"{base_url.rstrip('/')}/instance/fetchInstances"
-        return await self._call(url, apikey, _classify_check_reply)
+        return Reply(*await self._timed_call("GET", url, apikey, _classify_check_reply))
 
     @asynccontextmanager
     async def _serialised(self, base: str, name: str) -> AsyncIterator[None]:
@@ -271,31 +500,43 @@ class EvolutionClient:
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
-    async def _call(self, url: str, apikey: str, classify: _Classifier) -> Reply:
+    async def _call(
+        self, method: str, url: str, apikey: str, classify: Callable[[int, bytes], _T], body: Any = None
+    ) -> _T | Failure:
+        return (await self._timed_call(method, url, apikey, classify, body))[0]
+
+    async def _timed_call(
+        self, method: str, url: str, apikey: str, classify: Callable[[int, bytes], _T], body: Any = None
+    ) -> tuple[_T | Failure, float]:
+        """The outcome and the call's own milliseconds (not the wait for a slot)."""
         async with self._semaphore:
             started = time.perf_counter()
-            outcome = await self._fetch(url, apikey, classify)
-            return Reply(outcome, (time.perf_counter() - started) * 1000.0)
+            outcome = await self._fetch(method, url, apikey, classify, body)
+            return outcome, (time.perf_counter() - started) * 1000.0
 
-    async def _fetch(self, url: str, apikey: str, classify: _Classifier) -> Outcome:
+    async def _fetch(
+        self, method: str, url: str, apikey: str, classify: Callable[[int, bytes], _T], body: Any
+    ) -> _T | Failure:
         session = self._get_session()
         try:
-            async with session.get(
+            async with session.request(
+                method,
                 URL(url, encoded=True),
                 headers={"apikey": apikey, "Accept": "application/json"},
+                json=body,
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as resp:
                 try:
-                    body = await self._read_capped(resp)
+                    raw = await self._read_capped(resp)
                 except _TooLarge:
                     return _fail("too_large", resp.status, f"reply larger than {self._max_reply_bytes} bytes")
-                return classify(resp.status, body)
+                return classify(resp.status, raw)
         except TimeoutError:
             # Checked before ClientError: aiohttp's timeout errors subclass both.
-            return _fail("timeout", None, f"no complete reply within {self._timeout_s:g}s", transient=True)
+            return _fail("timeout", None, f"no complete reply within {self._timeout_s:g}s")
         except aiohttp.ClientError as exc:
-            return _fail("network", None, _network_detail(exc), transient=True)
+            return _fail("network", None, _network_detail(exc))
         except ValueError:
             # yarl/aiohttp reject a malformed base URL (a row's evolution_url, say) only when it is used
             return _fail("config", None, "the Evolution base URL is not a valid URL")
@@ -313,6 +554,14 @@ class EvolutionClient:
                 raise _TooLarge
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _instance_url(base_url: str, route: str, name: str) -> str | Failure:
+    """{base}/{route}/{name}, the name percent-encoded whole (a slash in it stays part of the name). "." and
+    ".." would be resolved away as path segments and reach another route: refused before anything is sent."""
+    if name in (".", ".."):
+        return _fail("config", None, f"the instance name {name!r} cannot be sent in a URL path")
+    return f"{base_url.rstrip('/')}/{route}/{quote(name, safe='')}"
 
 
 def _network_detail(exc: aiohttp.ClientError) -> str:

@@ -18,6 +18,7 @@ import psycopg
 from pglast import ast
 from psycopg.conninfo import make_conninfo
 
+from .evolution import ERROR_CLASSES
 from .settings import BINDING_ATTRS, Secret, Settings
 
 # One lock for every pgqr migrate against this database, whichever process runs it.
@@ -263,9 +264,20 @@ def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: boo
                     continue  # another migrate applied it while we waited
                 _apply(conn, migration)
             done.append(f"applied {migration.name}")
+        sync_error_classes(conn)
         done += bind(conn, binding or Settings(database_url=Secret(dsn)), only_if_unbound=True)
         schedule_jobs(dsn, setup, wanted_jobs(conn))
         return done
+
+
+def sync_error_classes(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Copy the one table of error classes (pgqr/evolution.py) into pgqr.error_classes."""
+    rows = [(name, i.transient, i.backoff_base, i.backoff_max, i.meaning) for name, i in ERROR_CLASSES.items()]
+    with conn.transaction():
+        conn.execute("DELETE FROM pgqr.error_classes")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO pgqr.error_classes VALUES (%s, %s, make_interval(secs => %s), "
+                            "make_interval(secs => %s), %s)", rows)
 
 
 def bind(conn: psycopg.Connection[tuple[object, ...]], settings: Settings, *,

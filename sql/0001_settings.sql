@@ -108,8 +108,8 @@ INSERT INTO pgqr.settings (key, value, type, min_value, description) VALUES
     ('retention', '7 days', 'interval', 3600,
      'pgqr.housekeeping() deletes refresh_log, ticks, resolved alerts and gone listeners older than this.');
 
--- What each failure class means and how long it waits before the next try: the one table of outcome classes
--- (pgqr/evolution.py produces the classes; a test keeps both lists equal). A transient class backs off
+-- What each failure class means and how long it waits before the next try. Its rows come from the one table
+-- in pgqr/evolution.py (ERROR_CLASSES), copied here by every `pgqr migrate`. A transient class backs off
 -- exponentially from backoff_base, doubling per consecutive failure up to backoff_max, with jitter; a
 -- permanent one waits backoff_base every time (a human has to fix something first).
 CREATE TABLE pgqr.error_classes (
@@ -119,24 +119,6 @@ CREATE TABLE pgqr.error_classes (
     backoff_max  interval NOT NULL,
     meaning      text NOT NULL
 );
-
-INSERT INTO pgqr.error_classes VALUES
-    ('not_loaded',    true,  '2 seconds',  '1 minute',
-     'Evolution has the instance in its database but not in memory (just restarted): back in seconds'),
-    ('timeout',       true,  '10 seconds', '5 minutes',
-     'no complete reply within the HTTP timeout (a connect on a closed instance can take 8 s and more)'),
-    ('network',       true,  '5 seconds',  '5 minutes', 'connection refused, reset or DNS failure'),
-    ('server_error',  true,  '10 seconds', '10 minutes', 'HTTP 5xx from Evolution or a proxy'),
-    ('http_error',    true,  '30 seconds', '15 minutes', 'an unexpected HTTP status (a proxy''s 408/429, a redirect)'),
-    ('empty_reply',   true,  '10 seconds', '5 minutes', 'HTTP 200 with an empty body (Evolution v1.8''s controller error)'),
-    ('config',        true,  '1 minute',   '15 minutes', 'pgqr cannot call this instance: no or a bad base URL, no key, a name like ".."'),
-    ('internal',      true,  '30 seconds', '15 minutes', 'a bug in pgqr around this call (see the listener''s log)'),
-    ('too_large',     false, '5 minutes',  '5 minutes', 'a reply larger than the limit'),
-    ('bad_reply',     false, '5 minutes',  '5 minutes', 'a reply that is not what Evolution sends (wrong shape, type or range)'),
-    ('api_error',     false, '30 minutes', '30 minutes', 'Evolution answered with an error object'),
-    ('not_found',     false, '30 minutes', '30 minutes', 'HTTP 404: Evolution does not know this instance (or the base URL is wrong)'),
-    ('unauthorized',  false, '30 minutes', '30 minutes', 'HTTP 401: the instance token or API key is rejected'),
-    ('not_activated', false, '30 minutes', '30 minutes', 'HTTP 503 LICENSE_REQUIRED: Evolution 2.4 is not activated');
 
 -- Delay before the next attempt after `failures` consecutive failures of `cls` (an unknown class waits like
 -- an internal error).
@@ -148,5 +130,8 @@ LANGUAGE sql VOLATILE AS $$
                      * (0.5 + random() / 2)
                 ELSE c.backoff_base END
     FROM pgqr.error_classes c
-    WHERE c.error_class = coalesce((SELECT error_class FROM pgqr.error_classes WHERE error_class = cls), 'internal')
+    WHERE c.error_class = cls
+    UNION ALL
+    SELECT interval '30 seconds' * (0.5 + random() / 2)   -- a class the table does not know yet
+    WHERE NOT EXISTS (SELECT 1 FROM pgqr.error_classes WHERE error_class = cls)
 $$;

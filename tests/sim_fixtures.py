@@ -5,14 +5,18 @@ Registered as a plugin by tests/conftest.py (`pytest_plugins = ["sim_fixtures"]`
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import pytest
 from aiohttp import web
 
 from pgqr.evolution import EvolutionClient
 from pgqr.simulator import SimConfig, Simulator
+
+T = TypeVar("T")
 
 
 def fast_sim_config() -> SimConfig:
@@ -48,3 +52,13 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+async def eventually(check: Callable[[], Awaitable[T]], ok: Callable[[T], bool], timeout: float = 10.0) -> T:
+    """Call `check` until `ok` holds for its result (generous deadline, no wall-clock assertion)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if ok(value) or asyncio.get_running_loop().time() > deadline:
+            return value
+        await asyncio.sleep(0.02)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import itertools
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,9 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from sim_fixtures import serve
+from sim_fixtures import eventually, serve
 
 from pgqr.simulator import Simulator, WebhookDelivery
+from pgqr.simulator.images import image_pool
 
 
 @dataclass
@@ -208,11 +212,14 @@ async def test_guard_order_and_error_bodies(simulator: Simulator) -> None:
     )
 
 
+NEW = {"instanceName": "new", "integration": "WHATSAPP-BAILEYS"}
+
+
 async def test_create_and_fetch_instances(simulator: Simulator) -> None:
-    status, created = await api(simulator, "POST", "/instance/create", json={"instanceName": "new"})
+    status, created = await api(simulator, "POST", "/instance/create", json=NEW)
     assert status == 201 and isinstance(created["hash"], str)
     assert created["instance"]["instanceName"] == "new" and created["instance"]["status"] == "close"
-    status, dup = await api(simulator, "POST", "/instance/create", json={"instanceName": "new"})
+    status, dup = await api(simulator, "POST", "/instance/create", json=NEW)
     assert status == 403 and dup["response"]["message"] == ['This name "new" is already in use.']
     simulator.add_instance("other")
     _, everything = await api(simulator, "GET", "/instance/fetchInstances")
@@ -260,3 +267,218 @@ async def test_pgqr_simulate_serves_its_instances_and_stops_on_sigterm() -> None
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ---- images: sized like Evolution's, rendered once ----
+
+
+async def test_base64_is_a_13_kb_png_data_url_of_a_229_character_baileys_code(simulator: Simulator) -> None:
+    """Evolution's data URLs are ~13 KB (node qrcode, scale 4, margin 3, level H); the pool measures 12.8-13.4 KB."""
+    simulator.add_instance("shop")
+    _, body = await api(simulator, "GET", "/instance/connect/shop")
+    assert 12_000 <= len(body["base64"]) <= 14_000, len(body["base64"])
+    assert body["code"].startswith("2@") and len(body["code"].split(",")) == 4 and 220 <= len(body["code"]) <= 240
+    assert body["base64"] in {image.data_url for image in image_pool(simulator.config.image_pool)}
+    assert image_pool(simulator.config.image_pool) is image_pool(simulator.config.image_pool)  # rendered once
+
+
+async def test_consecutive_qrs_of_one_instance_always_differ(simulator: Simulator) -> None:
+    simulator.add_instance("shop")
+    seen = [(await api(simulator, "GET", "/instance/connect/shop"))[1]]
+    for _ in range(5):
+        simulator.rotate("shop")
+        seen.append((await api(simulator, "GET", "/instance/connect/shop"))[1])
+    assert all(a["base64"] != b["base64"] for a, b in itertools.pairwise(seen))
+    assert len({qr["code"] for qr in seen}) == 6 and [qr["count"] for qr in seen] == [1, 2, 3, 4, 5, 6]
+
+
+# ---- scale: QRs computed from time; pushes only where a webhook waits ----
+
+
+async def test_qrs_rotate_by_time_and_current_reports_the_md5_evolution_would_accept(simulator: Simulator) -> None:
+    simulator.config.qr_ttl = 0.3
+    simulator.add_instance("shop", state="connecting")
+
+    async def current_and_connect() -> tuple[dict[str, Any], dict[str, Any]]:
+        _, now = await api(simulator, "GET", "/_sim/current")
+        _, qr = await api(simulator, "GET", "/instance/connect/shop")
+        return now["instances"]["shop"], qr
+
+    first = await eventually(current_and_connect, lambda pair: pair[0]["md5"] is not None)
+    later = await eventually(current_and_connect, lambda pair: pair[1]["count"] >= first[1]["count"] + 2)
+    for entry, qr in (first, later):
+        if entry["count"] == qr["count"]:  # not rotated between the two reads
+            assert entry["md5"] == hashlib.md5(qr["base64"].encode()).hexdigest()
+    assert simulator.stats("shop").sockets_started == 1
+    assert simulator.pending_pushes == 0  # no webhook anywhere: nothing scheduled
+
+
+async def test_ten_thousand_instances_need_no_task_each(simulator: Simulator) -> None:
+    tasks_before = len(asyncio.all_tasks())
+    status, made = await api(simulator, "POST", "/_sim/instances/bulk", json={"count": 10_000, "state": "connecting"})
+    assert status == 201 and len(made["tokens"]) == 10_000 and "sim-00001" in made["tokens"]
+    _, now = await api(simulator, "GET", "/_sim/current")
+    states = {entry["state"] for entry in now["instances"].values()}
+    with_qr = sum(entry["md5"] is not None for entry in now["instances"].values())
+    assert len(now["instances"]) == 10_000 and states == {"connecting"} and with_qr > 9_900
+    # Random phases over the hour-long qr_ttl here: only the few that started just under an hour ago rotated.
+    assert sum(entry["count"] == 1 for entry in now["instances"].values()) > 9_900
+    assert len(asyncio.all_tasks()) - tasks_before < 10
+    assert simulator.pending_pushes == 0
+
+
+async def test_rotations_are_pushed_once_a_webhook_is_set(simulator: Simulator, receiver: Receiver) -> None:
+    simulator.config.qr_ttl = 0.2
+    simulator.add_instances(3, state="connecting")
+    assert simulator.pending_pushes == 0
+    simulator.config.global_webhook_url = receiver.url  # set late, as the demo does
+    for name in ("sim-00001", "sim-00002", "sim-00003"):
+        found = await simulator.wait_for_webhooks(
+            lambda d, name=name: d.body["instance"] == name and d.body["event"] == "qrcode.updated", n=3)
+        codes = [d.body["data"]["qrcode"]["code"] for d in found]
+        assert len(set(codes)) == len(codes)
+    assert simulator.pending_pushes == 3
+
+
+# ---- per-instance call stats ----
+
+
+async def test_stats_keep_call_times_and_concurrency(simulator: Simulator) -> None:
+    simulator.add_instance("shop", state="connecting")
+    for _ in range(3):
+        await api(simulator, "GET", "/instance/connect/shop")
+    await api(simulator, "GET", "/instance/connectionState/shop")
+    stats = simulator.stats("shop")
+    assert (stats.connect_calls, stats.state_calls, stats.max_concurrent_calls) == (3, 1, 1)
+    assert stats.most_calls_within(60) == 4 and len(stats.recent_calls) == 4
+    simulator.config.latency = 0.2  # positive control: two calls at once are seen as two
+    await asyncio.gather(api(simulator, "GET", "/instance/connect/shop"),
+                         api(simulator, "GET", "/instance/connectionState/shop"))
+    assert simulator.stats("shop").max_concurrent_calls == 2
+
+
+# ---- where Evolution fails (evolution-api.md section 9) ----
+
+
+async def test_lower_case_event_names_are_refused_listing_the_allowed_ones(simulator: Simulator) -> None:
+    simulator.add_instance("shop")
+    hook = {"enabled": True, "url": "http://127.0.0.1:9/x", "events": ["qrcode.updated"]}
+    status, body = await api(simulator, "POST", "/webhook/set/shop", json={"webhook": hook})
+    assert status == 400 and body["error"] == "Bad Request"
+    [[message]] = body["response"]["message"]
+    assert "QRCODE_UPDATED" in message and "CONNECTION_UPDATE" in message
+    hook["events"] = ["QRCODE_UPDATED"]  # positive control
+    assert (await api(simulator, "POST", "/webhook/set/shop", json={"webhook": hook}))[0] == 201
+
+
+async def test_webhook_set_events_and_headers_as_evolution_stores_them(simulator: Simulator) -> None:
+    simulator.add_instance("shop")
+    hook: dict[str, Any] = {"enabled": True, "url": "http://127.0.0.1:9/x"}
+    status, body = await api(simulator, "POST", "/webhook/set/shop", json={"webhook": hook})
+    assert (status, body["response"]["message"]) == (500, "Cannot read properties of undefined (reading 'length')")
+    status, row = await api(simulator, "POST", "/webhook/set/shop", json={"webhook": {**hook, "events": []}})
+    assert status == 201 and row["headers"] is None
+    assert len(row["events"]) > 20 and {"QRCODE_UPDATED", "CONNECTION_UPDATE"} <= set(row["events"])
+    with_headers = {**hook, "events": ["QRCODE_UPDATED"], "headers": {"X-A": "1"}}
+    await api(simulator, "POST", "/webhook/set/shop", json={"webhook": with_headers})
+    _, kept = await api(simulator, "POST", "/webhook/set/shop", json={"webhook": {**hook, "events": ["CALL"]}})
+    assert (kept["headers"], kept["events"], kept["id"]) == ({"X-A": "1"}, ["CALL"], row["id"])
+    assert (await api(simulator, "GET", "/webhook/find/shop"))[1] == kept
+
+
+async def test_create_needs_an_integration(simulator: Simulator) -> None:
+    status, body = await api(simulator, "POST", "/instance/create", json={"instanceName": "x"})
+    assert (status, body["response"]["message"]) == (400, ["Invalid integration"])
+    status, body = await api(simulator, "POST", "/instance/create", json={"integration": "WHATSAPP-BAILEYS"})
+    assert (status, body["response"]["message"]) == (400, [['instance requires property "instanceName"']])
+    assert (await api(simulator, "POST", "/instance/create", json={**NEW, "instanceName": "x"}))[0] == 201
+
+
+async def test_fetch_instances_with_a_token_shows_only_its_own_row(simulator: Simulator) -> None:
+    token = simulator.add_instance("shop")
+    simulator.add_instance("other")
+    status, rows = await api(simulator, "GET", "/instance/fetchInstances", key=token)
+    assert status == 200 and [(r["name"], r["token"]) for r in rows] == [("shop", token)]
+    assert (await api(simulator, "GET", "/instance/fetchInstances?instanceName=other", key=token))[0] == 401
+    status, own = await api(simulator, "GET", "/instance/fetchInstances?instanceName=shop", key=token)
+    assert status == 200 and [r["name"] for r in own] == ["shop"]
+
+
+async def test_logout_sends_evolutions_three_webhooks_in_order(simulator: Simulator, receiver: Receiver) -> None:
+    simulator.add_instance("shop")
+    hook = {"enabled": True, "url": receiver.url, "events": []}
+    await api(simulator, "POST", "/webhook/set/shop", json={"webhook": hook})
+    status, body = await api(simulator, "DELETE", "/instance/logout/shop")
+    assert status == 400 and "not connected" in body["response"]["message"][0]
+    await api(simulator, "GET", "/instance/connect/shop")
+    assert (await api(simulator, "DELETE", "/instance/logout/shop"))[0] == 200
+    await simulator.wait_for_webhooks(lambda d: d.body["event"] == "logout.instance")
+    await simulator.wait_for_webhooks(lambda d: d.body["data"] == {"instance": "shop", "state": "close",
+                                                                   "statusReason": 401})
+    after = [r.body for r in receiver.received if r.body["event"] in ("status.instance", "logout.instance")
+             or r.body["data"].get("state") == "close"]
+    assert [b["event"] for b in after] == ["status.instance", "logout.instance", "connection.update"]
+    status_data = after[0]["data"]
+    assert (status_data["status"], status_data["disconnectionReasonCode"]) == ("closed", 401)
+    assert isinstance(status_data["disconnectionObject"], str) and after[1]["data"] is None
+
+
+async def test_delete_sends_instance_delete_then_remove_instance(simulator: Simulator, receiver: Receiver) -> None:
+    simulator.add_instance("shop")
+    await api(simulator, "POST", "/webhook/set/shop", json={"webhook": {"enabled": True, "url": receiver.url,
+                                                                        "events": []}})
+    assert (await api(simulator, "DELETE", "/instance/delete/shop"))[0] == 200
+    await simulator.wait_for_webhooks(lambda d: d.body["event"] == "remove.instance")
+    bodies = [r.body for r in receiver.received]
+    assert [(b["event"], b["data"]) for b in bodies] == [
+        ("instance.delete", {"instanceName": "shop", "instanceId": bodies[0]["data"]["instanceId"]}),
+        ("remove.instance", None),
+    ]
+    assert (await api(simulator, "GET", "/instance/connect/shop"))[0] == 404
+
+
+async def test_flapping_flips_close_and_connecting_with_a_webhook_each_time(
+    simulator: Simulator, receiver: Receiver
+) -> None:
+    simulator.config.flaps_per_minute = (600.0, 600.0)  # every 50 ms instead of every 2-3 s
+    simulator.config.global_webhook_url = receiver.url
+    simulator.add_instance("storm", mode="flapping")
+    found = await simulator.wait_for_webhooks(lambda d: d.body["data"] == {
+        "instance": "storm", "state": "connecting", "statusReason": 200}, n=4)
+    assert len(found) >= 4
+    seen = set()
+    for _ in range(200):
+        seen.add((await api(simulator, "GET", "/instance/connectionState/storm"))[1]["instance"]["state"])
+        if seen == {"close", "connecting"}:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == {"close", "connecting"}
+    assert not [d for d in simulator.webhooks if d.body["event"] == "qrcode.updated"]  # no route to WhatsApp
+
+
+async def test_not_in_memory_ends_when_evolution_reloads_the_instance(simulator: Simulator) -> None:
+    simulator.add_instance("shop", mode="not_in_memory")
+    assert (await api(simulator, "GET", "/instance/connectionState/shop"))[1] == {"instance": {"instanceName": "shop"}}
+    assert (await api(simulator, "POST", "/_sim/instances/shop/reload"))[0] == 200
+    _, state = await api(simulator, "GET", "/instance/connectionState/shop")
+    assert state == {"instance": {"instanceName": "shop", "state": "connecting"}}
+    assert simulator.stats("shop").state_calls == 2 and simulator.stats("shop").sockets_started == 1
+
+
+# ---- the command line never loads the simulator unless asked ----
+
+
+def test_pgqr_commands_other_than_simulate_never_import_the_simulator() -> None:
+    script = (
+        "import contextlib, io, sys, pgqr.cli as cli\n"
+        "cli.build_parser().parse_args(['run'])\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    cli.main(['--help'])\n"
+        "assert 'pgqr.simulator' not in sys.modules, 'simulator imported'\n"
+        "cli.build_parser().parse_args(['simulate', '--port', '0'])\n"
+        "assert 'pgqr.simulator' not in sys.modules, 'simulator imported by parsing'\n"
+        "from pgqr.simulator import cli as sim_cli\n"
+        "assert sim_cli.build_parser().parse_args(['--port', '0', '--instances', '3']).instances == 3\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

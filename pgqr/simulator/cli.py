@@ -1,0 +1,97 @@
+"""`pgqr simulate`: an Evolution API simulator on loopback until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Sequence
+
+from .config import STATES, SimConfig
+from .server import Simulator
+
+__all__ = ["build_parser", "main"]
+
+LISTED_TOKENS = 100  # more instances than this: their tokens come from GET /_sim/instances
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = SimConfig()
+    p = argparse.ArgumentParser(
+        prog="pgqr simulate",
+        description="An in-memory Evolution API (routes, QR rotation, webhooks) with a /_sim control API.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="bind address (the /_sim control API has no auth)")
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    p.add_argument("--api-key", default=d.api_key, help="the global AUTHENTICATION_API_KEY")
+    p.add_argument("--instances", type=int, default=1, metavar="N", help="instances to create: PREFIX-00001 ...")
+    p.add_argument("--instance-prefix", default="sim")
+    p.add_argument("--state", choices=STATES, default="close",
+                   help="the instances' state at start (connecting ones rotate each on a random phase)")
+    p.add_argument("--qr-ttl", type=float, default=d.qr_ttl, help="seconds between QR rotations")
+    p.add_argument("--connect-sleep", type=float, default=d.connect_sleep,
+                   help="seconds a connect in `close` takes")
+    p.add_argument("--connect-sleep-max", type=float, default=None,
+                   help="draw each such connect from [connect-sleep, this] (Evolution 2.3.6: 2 to 8)")
+    p.add_argument("--first-qr-delay", type=float, default=d.first_qr_delay)
+    p.add_argument("--qrcode-limit", type=int, default=d.qrcode_limit)
+    p.add_argument("--latency", type=float, default=d.latency, help="seconds added to every API reply")
+    p.add_argument("--error-rate", type=float, default=d.error_rate, help="fraction of connects answered 500")
+    p.add_argument("--timeout-rate", type=float, default=d.timeout_rate, help="fraction of connects that hang")
+    p.add_argument("--hang-seconds", type=float, default=d.hang_seconds)
+    p.add_argument("--webhook-url", default=None, help="global webhook URL (WEBHOOK_GLOBAL_URL)")
+    p.add_argument("--webhook-by-events", action="store_true", help="append /qrcode-updated etc. to the URL")
+    p.add_argument("--hide-token-in-webhook", action="store_true", help="send apikey: null in webhooks")
+    p.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    return SimConfig(
+        api_key=args.api_key,
+        qr_ttl=args.qr_ttl,
+        connect_sleep=args.connect_sleep,
+        connect_sleep_max=args.connect_sleep_max,
+        first_qr_delay=args.first_qr_delay,
+        qrcode_limit=args.qrcode_limit,
+        latency=args.latency,
+        error_rate=args.error_rate,
+        timeout_rate=args.timeout_rate,
+        hang_seconds=args.hang_seconds,
+        expose_token_in_webhook=not args.hide_token_in_webhook,
+        global_webhook_url=args.webhook_url,
+        global_webhook_by_events=args.webhook_by_events,
+        seed=args.seed,
+    )
+
+
+async def serve_forever(args: argparse.Namespace) -> int:
+    """Run until SIGINT/SIGTERM or cancellation; prints one line to stdout."""
+    sim = Simulator(config_from_args(args))
+    base_url = await sim.start(args.host, args.port)
+    tokens = sim.add_instances(args.instances, prefix=args.instance_prefix, state=args.state)
+    # A dev tool: its own fake key and tokens are printed so the user can configure pgqr.
+    listed = ",".join(f"{n}:{t}" for n, t in tokens.items()) if len(tokens) <= LISTED_TOKENS else (
+        f"{len(tokens)}(tokens:GET/_sim/instances)")
+    print(f"pgqr simulator listening base_url={base_url} api_key={sim.config.api_key} instances={listed or '-'}",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread, or no signal support: cancellation still stops us
+    try:
+        await stop.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await sim.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return asyncio.run(serve_forever(build_parser().parse_args(argv)))
