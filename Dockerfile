@@ -19,6 +19,7 @@ COPY sql ./sql
 RUN PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore pip install --no-cache-dir . \
  && rm -rf /src
 WORKDIR /
+COPY deploy/pgqr-probe /usr/local/bin/pgqr-probe
 
 USER 10001:10001
 ENV PGQR_HTTP_HOST=0.0.0.0 \
@@ -26,9 +27,8 @@ ENV PGQR_HTTP_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 EXPOSE 8080
-# Liveness; follows PGQR_HTTP_PORT when it is changed at run time. Readiness is /readyz (see deploy/compose.yaml).
-HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PGQR_HTTP_PORT', '8080'), timeout=2)"]
+# Liveness, on $PGQR_HTTP_PORT as set at run time; readiness is `pgqr-probe /readyz` (see deploy/compose.yaml).
+HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 CMD ["pgqr-probe", "/healthz"]
 # SIGTERM drains in-flight calls within PGQR_GRACE_SECONDS (default 10), releases leases and exits 0:
 # give the container a stop timeout above that (docker stop -t 15, compose stop_grace_period).
 STOPSIGNAL SIGTERM

@@ -166,6 +166,10 @@ else
     else fail "the image's HEALTHCHECK: docker says '$status'"; fi
 fi
 
+# the readiness probe deploy/compose.yaml runs inside the container
+if probe=$($ENGINE exec "$RUN" pgqr-probe /readyz 2>&1); then pass "readiness probe in the container: pgqr-probe $probe"
+else fail "readiness probe in the container: pgqr-probe $probe"; fi
+
 uid=$($ENGINE exec "$RUN" id -u 2>/dev/null)
 if [ -n "$uid" ] && [ "$uid" != 0 ]; then pass "the running container's process is not root (id -u = $uid)"
 else fail "the running container runs as root (id -u = '${uid:-?}')"; fi
@@ -207,8 +211,12 @@ for name in PGQR_WEBHOOK_SECRET:$WEBHOOK_SECRET EVOLUTION_API_KEY:$API_KEY insta
 done
 lines=$(grep -c . "$work/run.log")
 if [ -z "$leaked" ]; then pass "no secret in the container logs ($lines lines: webhook secret, API key, token 'tok', DB password)"
-else fail "secrets in the container logs:$leaked"; grep -nwF -e "$WEBHOOK_SECRET" -e "$API_KEY" -e "$INSTANCE_TOKEN" \
-    -e "$PG_PASSWORD" "$work/run.log" | head -5 | sed 's/^/      /'; fi
+else fail "secrets in the container logs:$leaked"
+    # show where, with the values masked
+    grep -nwF -e "$WEBHOOK_SECRET" -e "$API_KEY" -e "$INSTANCE_TOKEN" -e "$PG_PASSWORD" "$work/run.log" | head -5 \
+        | sed -e "s/$WEBHOOK_SECRET/<webhook secret>/g; s/$API_KEY/<api key>/g; s/$PG_PASSWORD/<db password>/g" \
+              -e "s/\\b$INSTANCE_TOKEN\\b/<token>/g; s/^/      /"
+fi
 
 # --- pg_cron's own job connection (libpq to localhost) works in the PostgreSQL image -----------------------------
 # pg_cron starts jobs on the minute: this waits up to one minute boundary (plus a margin).
