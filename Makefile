@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PG_LIB := /usr/lib/postgresql/15/lib
 
-.PHONY: test demo bench lint system venv clean
+.PHONY: test demo bench lint system venv clean image-test
 
 test: system venv
 	$(BIN)/python -m pytest
@@ -15,6 +15,11 @@ demo: system venv
 
 bench: system venv
 	$(BIN)/python bench/refresh.py
+
+# Build the image (podman, or docker where an engine answers) and check it against a throwaway PostgreSQL with
+# pg_cron (deploy/image-test.sh). Without registry access, run /work/shared/tools/container-base first (as root).
+image-test:
+	deploy/image-test.sh
 
 lint: venv
 	$(BIN)/ruff check pgqr tests
