@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Database
+from conftest import Database, command_env
 
 from pgqr import db
 from pgqr.engine import Engine, Summary
@@ -38,6 +38,10 @@ class Env:
         base = Settings(database_url=Secret(self.db.dsn), evolution_api_url=Secret(self.sim.base_url),
                         http_timeout=2.0, heartbeat_seconds=0.5, concurrency=16)
         return replace(base, **overrides)
+
+    def command_env(self, **values: str) -> dict[str, str]:
+        """The environment for the real command line against this database and simulator."""
+        return command_env(DATABASE_URL=self.db.dsn, EVOLUTION_API_URL=self.sim.base_url, **values)
 
     def add(self, name: str, *, sim_state: State | None = "close", mode: Mode = "normal",
             status: str = "connecting", token: str | None = None, triggers: bool = True,
