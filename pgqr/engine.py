@@ -134,6 +134,7 @@ class Engine:
         self._buffered = asyncio.Event()
         self._flushed = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._writing = False
         self._lease_seconds = max(30.0, settings.http_timeout * 2 + 5)
 
     # -- the producer: claim for free slots ---------------------------------------------------------------
@@ -194,7 +195,8 @@ class Engine:
     async def close(self) -> None:
         if self._flusher is not None:
             self._buffered.set()
-            while self._buffer and not self._flusher.done():
+            # the flusher takes a batch out of the buffer before writing it: wait for that write too
+            while (self._buffer or self._writing) and not self._flusher.done():
                 await asyncio.sleep(0.01)
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -277,7 +279,11 @@ class Engine:
             if not self._buffer:
                 self._buffered.clear()
             if batch:
-                await self._flush(batch)
+                self._writing = True
+                try:
+                    await self._flush(batch)
+                finally:
+                    self._writing = False
                 self._flushed.set()
 
     async def _flush(self, batch: list[_Pending]) -> None:

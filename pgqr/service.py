@@ -60,6 +60,9 @@ class Service:
             handlers[ALERT_CHANNEL] = lambda payload: self.alerts.wake() if self.alerts else None
         self.listener = Listener(settings.listen_dsn, handlers, self._on_listen, probe_seconds=settings.probe_seconds,
                                  on_reconnect=self.metrics.reconnects.inc)
+        # read when /metrics is scraped, so a reconnect shows at once, not at the next gauge round
+        self.metrics.listening.set_function(lambda: 1 if self.listener.listening.is_set() else 0)
+        self.metrics.listen_degraded.set_function(lambda: 1 if self.listener.degraded else 0)
         self.stopping = False
         self.crashed = False  # a loop died: `pgqr run` exits 1
         self.http_port: int | None = None
@@ -150,8 +153,6 @@ class Service:
                 self.metrics.waiting.set(f.waiting)
                 self.metrics.qr_valid.set(f.qr_valid)
                 self.metrics.oldest_expired.set(f.oldest_expired_seconds)
-            self.metrics.listening.set(1 if self.listener.listening.is_set() else 0)
-            self.metrics.listen_degraded.set(1 if self.listener.degraded else 0)
             self.metrics.in_flight.set(len(self.engine.in_flight))
             await asyncio.sleep(GAUGE_SECONDS)
 

@@ -56,6 +56,8 @@ CREATE FUNCTION pgqr.next_due_in() RETURNS float8
 LANGUAGE sql STABLE AS $$
     SELECT greatest(extract(epoch FROM min(greatest(s.due_at, coalesce(s.lease_expires_at, s.due_at))) - now()), 0)::float8
     FROM pgqr.instance_state s WHERE s.waiting
+    -- greatest() skips NULLs: without this, "nothing due ever" would read as 0 and the engine would spin
+    HAVING min(s.due_at) IS NOT NULL
 $$;
 
 -- One result, as the listener (poll) or the webhook receiver hands it over. md5 is the QR image's md5; qr is the

@@ -41,7 +41,7 @@ class Env:
 
     def command_env(self, **values: str) -> dict[str, str]:
         """The environment for the real command line against this database and simulator."""
-        return command_env(DATABASE_URL=self.db.dsn, EVOLUTION_API_URL=self.sim.base_url, **values)
+        return command_env(**{"DATABASE_URL": self.db.dsn, "EVOLUTION_API_URL": self.sim.base_url, **values})
 
     def add(self, name: str, *, sim_state: State | None = "close", mode: Mode = "normal",
             status: str = "connecting", token: str | None = None, triggers: bool = True,
@@ -70,6 +70,11 @@ class Env:
             "JOIN pgqr.instance_state s ON s.key = e.id::text WHERE e.instance_name = %s", (name,))
         assert rows, f"no instance {name}"
         return rows[0]
+
+    def has_qr(self, name: str) -> bool:
+        """Whether the app's row holds a QR."""
+        return self.db.value("SELECT qr_code IS NOT NULL FROM public.evolution_instances WHERE instance_name = %s",
+                             (name,)) is True
 
     def log(self, name: str) -> list[dict[str, Any]]:
         return self.db.query("SELECT * FROM pgqr.refresh_log WHERE instance_name = %s ORDER BY id", (name,))
@@ -111,6 +116,20 @@ async def env(migrated: Database, simulator: Simulator) -> Env:
     # the simulator's close branch sleeps 50 ms instead of Evolution's 2 s: a connect that slow went through it
     env.set("slow_connect_ms", "40")
     return env
+
+
+@pytest.fixture
+def no_cron_ticks(request: pytest.FixtureRequest) -> None:
+    """Pause pg_cron's jobs for the test's database (use it with pytest.mark.usefixtures): a real minute tick
+    must not explain a refresh."""
+    if "env" in request.fixturenames:
+        env: Env = request.getfixturevalue("env")
+        env.db.pause_cron()
+
+
+def metric(service: Service, name: str, **labels: str) -> float:
+    """One sample of the service's /metrics (0 when it has not been counted yet)."""
+    return service.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 async def wait_until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> float:

@@ -293,3 +293,12 @@ async def test_a_poll_whose_write_the_app_kept_locked_is_still_logged_as_not_app
     await reconcile_while_the_app_locks(env, "busy")
     assert env.sim.stats("busy").connect_calls == 1  # Evolution was called
     assert [(log["applied"], log["qr_updated"]) for log in env.log("busy")] == [(False, False)]
+
+
+def test_nothing_waiting_means_no_due_time_and_a_waiting_instance_is_due_now(quiet: Database) -> None:
+    """The engine sleeps until pgqr.next_due_in(): NULL (nothing to wait for) must not read as 0 (poll again)."""
+    assert quiet.value("SELECT pgqr.next_due_in()") is None
+    quiet.query("INSERT INTO public.evolution_instances (instance_name, instance_status) VALUES ('a', 'connected')")
+    assert quiet.value("SELECT pgqr.next_due_in()") is None
+    quiet.query("INSERT INTO public.evolution_instances (instance_name) VALUES ('b')")
+    assert quiet.value("SELECT pgqr.next_due_in()") == 0
