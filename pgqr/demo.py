@@ -24,16 +24,23 @@ from .simulator import SimConfig, Simulator
 # Three instances live on the simulator; the fourth exists only in the database, so Evolution answers 404.
 INSTANCES = ["acme-store", "bakery-hq", "clinic-front"]
 MISSING = "ghost-shop"
-QR_TTL = 20.0  # faster than Evolution's 45 s, so rotation shows within a minute
+QR_TTL = 10.0  # faster than Evolution's 45 s, so rotations show within half a minute
 
-# What a psql user sees: the monitoring view, trimmed to what changes during the demo.
+# What a psql user sees: the monitoring view, trimmed to what changes during the demo, and how many QR codes
+# pgqr has stored for each instance (the number goes up with each rotation).
 TABLE_SQL = """
-SELECT instance_name, status,
-       CASE WHEN status = 'connecting' THEN extract(epoch FROM qr_age)::integer END AS qr_age,
-       last_outcome, last_error_class, consecutive_failures, last_qr_update
-FROM pgqr.instance_health
-ORDER BY instance_name
+SELECT h.instance_name, h.status,
+       CASE WHEN h.waiting AND h.has_qr THEN (SELECT count(*) FROM pgqr.refresh_log l
+                                               WHERE l.instance_key = h.instance_key AND l.qr_updated) END,
+       CASE WHEN h.waiting THEN extract(epoch FROM h.qr_age)::integer END AS qr_age,
+       CASE WHEN h.qr_valid THEN ceil(extract(epoch FROM h.qr_expires_at - now()))::integer END AS valid_for,
+       CASE WHEN h.waiting THEN h.qr_source::text END AS qr_from,
+       h.last_outcome, h.last_error_class, h.consecutive_failures
+FROM pgqr.instance_health h
+ORDER BY h.instance_name
 """
+HEADER = ("instance", "status", "QR", "QR age", "valid for", "QR from", "last outcome", "error", "failures")
+TICKING = (3, 4)  # the columns that change every second (left out when deciding whether to print again)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -53,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
 async def _demo(dsn: str, duration: float | None, scan_after: float) -> int:
     sim = Simulator(SimConfig(qr_ttl=QR_TTL, connect_sleep=0.5, first_qr_delay=0.3))
     base_url = await sim.start()
+    with psycopg.connect(dsn, autocommit=True) as setup:  # pgqr told how long this Evolution keeps a QR
+        setup.execute("UPDATE pgqr.settings SET value = %s WHERE key = 'qr_lifetime_seconds'", (str(QR_TTL),))
     tokens = {name: sim.add_instance(name) for name in INSTANCES}
     secret = secrets.token_urlsafe(16)
     service = Service(Settings(database_url=Secret(dsn), evolution_api_url=Secret(base_url), http_port=0,
@@ -110,15 +119,18 @@ async def _show(conn: psycopg.AsyncConnection[tuple[object, ...]], stop: asyncio
 
 
 def _render(rows: list[tuple[object, ...]]) -> str:
-    header = ("instance", "status", "QR age", "last outcome", "error", "failures")
-    cells = [header] + [
-        (str(n), str(st), "-" if age is None else f"{age}s", str(o or "-"), str(e or "-"), str(f))
-        for n, st, age, o, e, f, _ in rows
+    def cell(value: object, unit: str = "") -> str:
+        return "-" if value is None else f"{value}{unit}"
+
+    cells = [HEADER] + [
+        (str(name), str(status), cell(number and f"#{number}"), cell(age, "s"), cell(valid, "s"), cell(source),
+         cell(outcome), cell(error), str(failures))
+        for name, status, number, age, valid, source, outcome, error, failures in rows
     ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells)
 
 
 def _without_ages(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
-    """What counts as a change: everything but the ticking age (a new QR changes last_qr_update)."""
-    return [row[:2] + row[3:] for row in rows]
+    """What counts as a change: everything but the ticking columns (a rotation changes the QR number)."""
+    return [tuple(v for i, v in enumerate(row) if i not in TICKING) for row in rows]
