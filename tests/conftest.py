@@ -128,3 +128,12 @@ def run_pgqr(*args: str, env: dict[str, str] | None = None, timeout: float = 60)
         [sys.executable, "-m", "pgqr", *args],
         env=command_env(**(env or {})), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )
+
+
+def mark_qr(db: Database, name: str, expires_in: str) -> None:
+    """pgqr's bookkeeping for `name` as after a new QR whose estimated expiry is `expires_in` from now
+    ('-6 minutes': it stopped working 6 minutes ago), made one QR lifetime before that expiry."""
+    db.query("UPDATE pgqr.instance_state s SET qr_md5 = md5(s.key), qr_expires_at = x.expires, "
+             "qr_born_after = x.expires - x.life, qr_seen_at = x.expires - x.life "
+             "FROM (SELECT now() + %s::interval AS expires, pgqr.seconds('qr_lifetime_seconds') AS life) x "
+             "WHERE s.name = %s", (expires_in, name))

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import Database
+from conftest import Database, mark_qr
 from psycopg import errors
 
 from pgqr import devdb, migrations
 
-VIEWS = ("instance_health", "cron_runs", "refresh_stats", "listeners")
+VIEWS = ("instance_health", "freshness", "cron_runs", "refresh_stats", "listeners")
+CLAIM = "SELECT * FROM pgqr.claim(%s, 10, interval '30 seconds')"
 
 
 def installed_long_ago(db: Database) -> None:
@@ -23,7 +25,8 @@ def installed_long_ago(db: Database) -> None:
 
 def add_instance(db: Database, name: str, *, status: str = "connecting", waiting: str = "0 seconds",
                  qr_ago: str | None = None, token: str | None = "tok-" + "x" * 8) -> None:
-    """An instance as the app adds it; `waiting`: how long ago pgqr saw it (re)turn connecting."""
+    """An instance as the app adds it; `waiting`: how long ago pgqr saw it (re)turn connecting; `qr_ago`: how
+    long ago its last QR stopped working (none when None)."""
     db.query(
         """INSERT INTO public.evolution_instances (instance_name, instance_status, instance_token,
                                                   last_qr_update, qr_code)
@@ -31,8 +34,10 @@ def add_instance(db: Database, name: str, *, status: str = "connecting", waiting
                    CASE WHEN %s::text IS NULL THEN NULL ELSE 'data:image/png;base64,AAAA' END)""",
         (name, status, token, qr_ago, qr_ago),
     )
-    db.query("UPDATE pgqr.instance_state SET connecting_since = now() - %s::interval WHERE instance_name = %s",
+    db.query("UPDATE pgqr.instance_state SET connecting_since = now() - %s::interval WHERE name = %s",
              (waiting, name))
+    if qr_ago is not None:
+        mark_qr(db, name, f"-{qr_ago}")
 
 
 class Alerts:
@@ -72,18 +77,20 @@ def test_instance_health_shows_each_instances_bookkeeping_from_claim_and_record_
     add_instance(quiet, "alpha")
     add_instance(quiet, "beta")
     add_instance(quiet, "gamma", status="connected", qr_ago="1 day")
-    claimed = quiet.query(
-        "SELECT instance_name, claimed_at FROM pgqr.claim('L1', 10, pgqr.refresh_horizon()) ORDER BY 1")
-    assert [c["instance_name"] for c in claimed] == ["alpha", "beta"]
+    claimed = {c["name"]: c for c in quiet.query(CLAIM, ("L1",))}
+    assert sorted(claimed) == ["alpha", "beta"]
     results = [
-        {"instance_name": "alpha", "source": "poll", "outcome": "qr", "qr": "data:image/png;base64,QQ==",
-         "qr_count": 1, "http_status": 200, "latency_ms": 40, "claimed_at": claimed[0]["claimed_at"].isoformat()},
-        {"instance_name": "beta", "source": "poll", "outcome": "failed", "http_status": 401,
-         "latency_ms": 12, "error_class": "unauthorized", "transient": False},
+        {"key": claimed["alpha"]["key"], "source": "poll", "outcome": "qr", "md5": "QQ",
+         # 2 s: a connect slow enough to have gone through Evolution's close branch made this QR during the call
+         "qr": "data:image/png;base64,QQ==", "qr_count": 1, "http_status": 200, "latency_ms": 2000,
+         "started_at": claimed["alpha"]["claimed_at"].isoformat()},
+        {"key": claimed["beta"]["key"], "source": "poll", "outcome": "failed", "http_status": 401,
+         "latency_ms": 12, "error_class": "unauthorized",
+         "started_at": claimed["beta"]["claimed_at"].isoformat()},
     ]
     quiet.query("SELECT * FROM pgqr.record_results('L1', %s::jsonb)", (json.dumps(results),))
-    # nothing due: alpha was just refreshed, beta is in backoff
-    assert quiet.query("SELECT * FROM pgqr.claim('L2', 10, pgqr.refresh_horizon())") == []
+    # nothing due: alpha's QR is new, beta is in backoff
+    assert quiet.query(CLAIM, ("L2",)) == []
 
     rows = {r["instance_name"]: r for r in quiet.query("SELECT * FROM pgqr.instance_health")}
     assert set(rows) == {"alpha", "beta", "gamma"}
@@ -91,16 +98,20 @@ def test_instance_health_shows_each_instances_bookkeeping_from_claim_and_record_
     assert (alpha["status"], alpha["has_qr"], alpha["last_outcome"], alpha["consecutive_failures"]) == (
         "connecting", True, "qr", 0)
     assert alpha["qr_age"].total_seconds() < 60 and alpha["lease_owner"] is None
+    assert alpha["instance_key"] == claimed["alpha"]["key"]
+    assert alpha["qr_valid"] is True
+    assert alpha["qr_expires_at"] == claimed["alpha"]["claimed_at"] + timedelta(seconds=45)
+    assert alpha["next_attempt_at"] > alpha["qr_expires_at"]  # the next poll is due just after the expiry
     assert (beta["last_outcome"], beta["last_error_class"], beta["last_http_status"]) == ("failed", "unauthorized",
                                                                                           401)
     assert beta["consecutive_failures"] == 1 and beta["next_attempt_at"] is not None
-    assert beta["has_qr"] is False and beta["qr_age"] is None
+    assert beta["has_qr"] is False and beta["qr_age"] is None and beta["qr_valid"] is False
     assert gamma["status"] == "connected" and gamma["qr_age"].total_seconds() >= 86400
 
 
 def test_instance_health_shows_the_lease_owner_while_claimed(quiet: Database) -> None:
     add_instance(quiet, "alpha")
-    quiet.query("SELECT * FROM pgqr.claim('host:1:abc', 10, pgqr.refresh_horizon())")
+    quiet.query(CLAIM, ("host:1:abc",))
     row = quiet.query("SELECT lease_owner, lease_expires_at, last_attempt_at FROM pgqr.instance_health")[0]
     assert row["lease_owner"] == "host:1:abc"
     assert row["lease_expires_at"] > row["last_attempt_at"]
@@ -113,7 +124,8 @@ def test_no_view_has_a_token_key_or_secret_column(quiet: Database) -> None:
     assert {c["table_name"] for c in columns} == set(VIEWS)
     leaky = [c for c in columns if any(w in c["column_name"] for w in ("token", "key", "secret", "qr_code",
                                                                            "pairing", "url"))]
-    assert leaky == []
+    # the one "key" is the app row's primary key, the instance's identity (never a credential)
+    assert leaky == [{"table_name": "instance_health", "column_name": "instance_key"}]
 
 
 def test_cron_runs_lists_pgqr_jobs_with_ticks_standing_in_when_pg_cron_is_elsewhere(quiet: Database) -> None:
@@ -172,9 +184,11 @@ def test_refresh_stats_counts_every_refresh_per_hour(quiet: Database) -> None:
     # one transaction: now() is the same for the inserts and the view, so no hour boundary can fall between
     with psycopg.connect(quiet.dsn) as conn:
         conn.execute(
-            """INSERT INTO pgqr.refresh_log (at, instance_name, source, outcome, applied, qr_updated,
-                                             http_status, latency_ms, error_class)
-               VALUES (date_trunc('hour', now()), 'a', 'poll', 'qr', true, true, 200, 100, NULL),
+            """INSERT INTO pgqr.refresh_log (at, instance_key, source, outcome, applied, qr_updated,
+                                             http_status, latency_ms, error_class, instance_name)
+               SELECT v.*, 'shop-' || v.key FROM (VALUES
+                      (date_trunc('hour', now()), 'a', 'poll'::pgqr.source, 'qr'::pgqr.outcome, true, true, 200,
+                       100, NULL),
                       (date_trunc('hour', now()), 'a', 'poll', 'qr', true, false, 200, 300, NULL),
                       (date_trunc('hour', now()), 'b', 'poll', 'failed', true, false, NULL, 8000, 'timeout'),
                       (date_trunc('hour', now()), 'b', 'webhook', 'qr', true, true, NULL, NULL, NULL),
@@ -182,7 +196,8 @@ def test_refresh_stats_counts_every_refresh_per_hour(quiet: Database) -> None:
                        401, 5, 'unauthorized'),
                       (date_trunc('hour', now()) - interval '2 hours', 'c', 'poll', 'failed', true, false,
                        401, 5, 'unauthorized'),
-                      (now() - interval '30 hours', 'old', 'poll', 'failed', true, false, 500, 5, 'server_error')""")
+                      (now() - interval '30 hours', 'old', 'poll', 'failed', true, false, 500, 5, 'server_error')
+               ) v(at, key, source, outcome, applied, qr_updated, http_status, latency_ms, error_class)""")
         rows = conn.execute(
             """SELECT hour = date_trunc('hour', now()), hour = date_trunc('hour', now()) - interval '2 hours',
                       calls, webhook_events, successes, failures, failures_by_class, qr_updates, instances,
@@ -205,7 +220,7 @@ def test_listeners_shows_live_and_silent_listeners_but_not_stopped_ones(quiet: D
                 "WHERE owner = 'silent:2:b'")
     quiet.query("SELECT pgqr.listener_stopped('stopped:3:c')")
     add_instance(quiet, "alpha")
-    quiet.query("SELECT * FROM pgqr.claim('live:1:a', 10, pgqr.refresh_horizon())")
+    quiet.query(CLAIM, ("live:1:a",))
     rows = {r["owner"]: r for r in quiet.query("SELECT * FROM pgqr.listeners")}
     assert set(rows) == {"live:1:a", "silent:2:b"}
     assert (rows["live:1:a"]["live"], rows["live:1:a"]["leases_held"], rows["live:1:a"]["host"]) == (True, 1, "live")
@@ -227,6 +242,7 @@ def test_pgqr_monitor_reads_every_view_and_is_denied_the_token_column(quiet: Dat
         with pytest.raises(errors.InsufficientPrivilege):
             conn.execute("SELECT * FROM pgqr.check_alerts()")
     assert counts["instance_health"] == 1 and counts["listeners"] == 1 and counts["refresh_stats"] == 24
+    assert counts["freshness"] == 1
     assert counts["cron_runs"] == 4
 
 
@@ -260,8 +276,8 @@ def test_stale_instances_works_on_an_adopted_table_without_created_at_or_uuid_id
     db.query("INSERT INTO public.evolution_instances (instance_name, instance_status) VALUES ('old', 'connecting')")
     migrations.migrate(db.dsn)
     db.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '1 hour'")
-    rows = db.query("SELECT instance_id, instance_name FROM pgqr.stale_instances()")
-    assert rows == [{"instance_id": "1", "instance_name": "old"}]
+    rows = db.query("SELECT instance_key, instance_name FROM pgqr.stale_instances()")
+    assert rows == [{"instance_key": "1", "instance_name": "old"}]
     assert db.value("SELECT count(*) FROM pgqr.instance_health") == 1
 
 
@@ -275,7 +291,7 @@ def test_stale_qr_fires_once_then_resolves(quiet: Database, alerts: Alerts) -> N
     assert "alpha" in fired["detail"] and "5 minutes" in fired["detail"]
     assert any("pgqr alert stale_qr firing" in w for w in alerts.warnings)
 
-    quiet.query("UPDATE public.evolution_instances SET last_qr_update = now() WHERE instance_name = 'alpha'")
+    mark_qr(quiet, "alpha", "45 seconds")  # a new QR
     resolved = alerts.check()["stale_qr"]
     assert (resolved["state"], resolved["changed"]) == ("resolved", True)
     assert [(p["rule"], p["state"], p["count"]) for p in alerts.notified()] == [("stale_qr", "resolved", 0)]
@@ -374,8 +390,9 @@ def test_ticks_not_firing_stays_quiet_while_paused_and_scales_with_the_tick_peri
 
 def _log_calls(db: Database, outcome: str, n: int, error_class: str | None = None) -> None:
     db.query(
-        """INSERT INTO pgqr.refresh_log (instance_name, source, outcome, applied, qr_updated, error_class)
-           SELECT 'i' || g, 'poll', %s, true, false, %s FROM generate_series(1, %s) g""",
+        """INSERT INTO pgqr.refresh_log (instance_key, instance_name, source, outcome, applied, qr_updated,
+                                         error_class)
+           SELECT g, 'i' || g, 'poll', %s, true, false, %s FROM generate_series(1, %s) g""",
         (outcome, error_class, n))
 
 
@@ -395,8 +412,9 @@ def test_evolution_failures_fire_above_the_rate_and_resolve_below_it(quiet: Data
 
 def test_evolution_failures_ignore_a_handful_of_calls_and_old_ones(quiet: Database, alerts: Alerts) -> None:
     _log_calls(quiet, "failed", 4, "timeout")  # 4 of 4, under alert_failure_min_calls (5)
-    quiet.query("INSERT INTO pgqr.refresh_log (at, instance_name, source, outcome, applied, qr_updated) "
-                "SELECT now() - interval '1 hour', 'x', 'poll', 'failed', true, false FROM generate_series(1, 50)")
+    quiet.query("INSERT INTO pgqr.refresh_log (at, instance_key, instance_name, source, outcome, applied, "
+                "qr_updated) SELECT now() - interval '1 hour', 'x', 'x', 'poll', 'failed', true, false "
+                "FROM generate_series(1, 50)")
     assert alerts.check()["evolution_failures"]["state"] == "ok"
 
 
@@ -411,13 +429,31 @@ def test_thresholds_are_settings_changeable_with_update(quiet: Database, alerts:
     assert result["evolution_failures"]["state"] == "firing"
 
 
+def test_a_setting_is_validated_when_written_with_a_clear_message(quiet: Database) -> None:
+    with pytest.raises(errors.InvalidParameterValue) as not_a_number:
+        quiet.query("UPDATE pgqr.settings SET value = 'abc' WHERE key = 'lease_seconds'")
+    assert not_a_number.value.diag.message_primary == "pgqr setting lease_seconds must be a number, not 'abc'"
+    with pytest.raises(errors.InvalidParameterValue) as too_small:
+        quiet.query("UPDATE pgqr.settings SET value = '1' WHERE key = 'lease_seconds'")
+    assert too_small.value.diag.message_primary == "pgqr setting lease_seconds must be at least 5, not '1'"
+    with pytest.raises(errors.InvalidParameterValue, match="must be an interval like '5 minutes', not 'soon'"):
+        quiet.query("UPDATE pgqr.settings SET value = 'soon' WHERE key = 'alert_stale_after'")
+    assert quiet.value("SELECT value FROM pgqr.settings WHERE key = 'lease_seconds'") == "30"
+    # positive control: values that fit are written
+    quiet.query("UPDATE pgqr.settings SET value = '45' WHERE key = 'lease_seconds'")
+    quiet.query("UPDATE pgqr.settings SET value = '2 hours' WHERE key = 'alert_stale_after'")
+    assert quiet.value("SELECT value FROM pgqr.settings WHERE key = 'lease_seconds'") == "45"
+    assert quiet.value("SELECT pgqr.seconds('lease_seconds')") == timedelta(seconds=45)
+
+
 # ------------------------------------------------------------------------------------------ housekeeping
 
 
 def test_housekeeping_prunes_history_older_than_the_retention(quiet: Database) -> None:
-    quiet.query("""INSERT INTO pgqr.refresh_log (at, instance_name, source, outcome, applied, qr_updated)
-                   VALUES (now() - interval '8 days', 'a', 'poll', 'qr', true, true),
-                          (now() - interval '6 days', 'a', 'poll', 'qr', true, true)""")
+    quiet.query("""INSERT INTO pgqr.refresh_log (at, instance_key, instance_name, source, outcome, applied,
+                                                 qr_updated)
+                   VALUES (now() - interval '8 days', 'a', 'a', 'poll', 'qr', true, true),
+                          (now() - interval '6 days', 'a', 'a', 'poll', 'qr', true, true)""")
     quiet.query("INSERT INTO pgqr.ticks (at) VALUES (now() - interval '8 days'), (now() - interval '1 hour')")
     quiet.query("""INSERT INTO pgqr.alerts (rule, state, count, detail, fired_at, resolved_at) VALUES
                    ('stale_qr', 'resolved', 1, 'old', now() - interval '9 days', now() - interval '8 days'),
@@ -425,14 +461,16 @@ def test_housekeeping_prunes_history_older_than_the_retention(quiet: Database) -
                    ('no_listener', 'firing', 0, 'long-running', now() - interval '30 days', NULL)""")
     quiet.query("""INSERT INTO pgqr.listener_heartbeats (owner, host, pid, version, heartbeat_at, stopped_at)
                    VALUES ('gone', 'h', 1, 'v', now() - interval '8 days', now() - interval '8 days')""")
+    quiet.query("INSERT INTO pgqr.trigger_errors (at, message) VALUES (now() - interval '8 days', 'old'), "
+                "(now() - interval '2 days', 'recent')")
     deleted = {r["what"]: r["deleted"] for r in quiet.query("SELECT * FROM pgqr.housekeeping()")}
-    assert deleted == {"refresh_log": 1, "ticks": 1, "alerts": 1, "listener_heartbeats": 1}
+    assert deleted == {"refresh_log": 1, "ticks": 1, "alerts": 1, "listener_heartbeats": 1, "trigger_errors": 1}
     assert quiet.value("SELECT count(*) FROM pgqr.refresh_log") == 1
     assert [r["detail"] for r in quiet.query("SELECT detail FROM pgqr.alerts ORDER BY id")] == [
         "recent", "long-running"]
     quiet.query("UPDATE pgqr.settings SET value = '1 day' WHERE key = 'retention'")
     again = {r["what"]: r["deleted"] for r in quiet.query("SELECT * FROM pgqr.housekeeping()")}
-    assert again == {"refresh_log": 1, "ticks": 0, "alerts": 1, "listener_heartbeats": 0}
+    assert again == {"refresh_log": 1, "ticks": 0, "alerts": 1, "listener_heartbeats": 0, "trigger_errors": 1}
     assert quiet.value("SELECT string_agg(detail, ',') FROM pgqr.alerts") == "long-running"  # firing stays
 
 
