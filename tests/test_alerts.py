@@ -7,19 +7,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 import pytest
 from aiohttp import web
-from conftest import Database
+from conftest import Database, mark_qr
 from service_fixtures import Env, running_service, settled, wait_until
 from sim_fixtures import serve
 
+from pgqr import db
 from pgqr.alerts import AlertForwarder, safe_origin
 from pgqr.devdb import free_port
+from pgqr.settings import Secret
 from pgqr.simulator import Simulator
 
 
@@ -69,19 +71,21 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 
-Connect = Callable[[], Awaitable[psycopg.AsyncConnection[Any]]]
+@asynccontextmanager
+async def work_pool(database: Database, name: str = "pgqr") -> AsyncIterator[db.Pool]:
+    """What the service hands the forwarder: its pool of work connections."""
+    pool = db.Pool(database.dsn, size=2, name=name)
+    await pool.open()
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 @pytest.fixture
-async def connect(quiet: Database) -> AsyncIterator[Connect]:
-    """What the listener hands the forwarder: a coroutine returning its work connection."""
-    conn = await psycopg.AsyncConnection.connect(quiet.dsn, autocommit=True)
-
-    async def get() -> psycopg.AsyncConnection[Any]:
-        return conn
-
-    yield get
-    await conn.close()
+async def pool(quiet: Database) -> AsyncIterator[db.Pool]:
+    async with work_pool(quiet) as p:
+        yield p
 
 
 def make_stale(db: Database, name: str = "alpha") -> None:
@@ -96,7 +100,7 @@ def fire(db: Database) -> None:
 
 
 def resolve(db: Database) -> None:
-    db.query("UPDATE public.evolution_instances SET last_qr_update = now()")
+    mark_qr(db, "alpha", "45 seconds")  # a new QR
     db.query("SELECT * FROM pgqr.check_alerts()")
 
 
@@ -145,32 +149,27 @@ def test_housekeeping_keeps_a_resolved_alert_until_its_delivery_is_done(quiet: D
 
 
 async def test_two_forwarders_on_one_database_post_each_transition_exactly_once(
-    quiet: Database, receiver: Receiver, connect: Connect
+    quiet: Database, receiver: Receiver, pool: db.Pool
 ) -> None:
-    other = await psycopg.AsyncConnection.connect(quiet.dsn, autocommit=True)
-
-    async def connect_other() -> psycopg.AsyncConnection[Any]:
-        return other
-
-    forwarders = [AlertForwarder(receiver.url, connect, "one", base_delay=0.01),
-                  AlertForwarder(receiver.url, connect_other, "two", base_delay=0.01)]
-    try:
-        for f in forwarders:
-            await f.start()
-        fire(quiet)
-        for _ in range(20):
+    async with work_pool(quiet) as other:
+        forwarders = [AlertForwarder(receiver.url, pool, "one", base_delay=0.01),
+                      AlertForwarder(receiver.url, other, "two", base_delay=0.01)]
+        try:
+            for f in forwarders:
+                await f.start()
+            fire(quiet)
+            for _ in range(20):
+                for f in forwarders:
+                    f.wake()
+                await asyncio.sleep(0)
+            resolve(quiet)
             for f in forwarders:
                 f.wake()
-            await asyncio.sleep(0)
-        resolve(quiet)
-        for f in forwarders:
-            f.wake()
-        await receiver.wait_for(2)
-        await asyncio.sleep(0.2)  # room for a wrong third delivery to show up
-    finally:
-        for f in forwarders:
-            await f.close(grace=1)
-        await other.close()
+            await receiver.wait_for(2)
+            await asyncio.sleep(0.2)  # room for a wrong third delivery to show up
+        finally:
+            for f in forwarders:
+                await f.close(grace=1)
     assert stale_qr(receiver.received) == [("stale_qr", "firing", 1), ("stale_qr", "resolved", 0)]
     assert "alpha" in receiver.received[0]["detail"]
     assert receiver.content_types == ["application/json", "application/json"]
@@ -179,61 +178,59 @@ async def test_two_forwarders_on_one_database_post_each_transition_exactly_once(
 
 
 async def test_a_hanging_endpoint_never_holds_the_loop_and_close_gives_the_claim_back(
-    quiet: Database, receiver: Receiver, connect: Connect
+    quiet: Database, receiver: Receiver, pool: db.Pool
 ) -> None:
-    receiver.delay = 5.0
-    forwarder = AlertForwarder(receiver.url, connect, "one", timeout=2, base_delay=0.05)
+    receiver.delay = 600.0  # longer than any deadline here: nothing may wait for it
+    forwarder = AlertForwarder(receiver.url, pool, "one", timeout=300, base_delay=0.05)
     await forwarder.start()
     fire(quiet)
-    started = time.monotonic()
     for _ in range(1000):
-        forwarder.wake()
-    wake_seconds = time.monotonic() - started
+        forwarder.wake()  # never blocks; they coalesce
     await wait_until(lambda: receiver.content_types, what="the POST to start")
-    tick = time.monotonic()
-    await asyncio.sleep(0.05)  # the loop stays free while the endpoint hangs: other work runs on time
-    loop_lag = time.monotonic() - tick - 0.05
-    closing = time.monotonic()
-    await forwarder.close(grace=0.3)
-    close_seconds = time.monotonic() - closing
-    assert wake_seconds < 0.1 and loop_lag < 0.05 and close_seconds < 1.0
-    assert forwarder.delivered == 0
+    # the loop stays free while the endpoint hangs: other work on it goes on
+    assert await asyncio.wait_for(pool.value("SELECT 1"), 10) == 1
+    await asyncio.wait_for(forwarder.close(grace=0.3), 10)  # well before the endpoint would answer
+    assert forwarder.delivered == 0 and receiver.received == []
+    assert len(receiver.content_types) == 1  # a thousand wake-ups, one POST
     # given back, not counted: another replica (or the next start) takes it at once
     assert [(d["attempts"], d["lease_owner"], d["delivered"]) for d in deliveries(quiet)] == [(0, None, False)]
     assert quiet.query("SELECT state FROM pgqr.claim_alert_deliveries('next', 10)") == [{"state": "firing"}]
 
 
 async def test_a_failing_endpoint_is_retried_with_backoff_until_it_accepts(
-    quiet: Database, receiver: Receiver, connect: Connect
+    quiet: Database, receiver: Receiver, pool: db.Pool, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="pgqr.alerts")
     receiver.replies = [503, 500]
-    forwarder = AlertForwarder(receiver.url, connect, "one", base_delay=0.05)
+    forwarder = AlertForwarder(receiver.url, pool, "one", base_delay=0.05)
     await forwarder.start()
-    started = time.monotonic()
     fire(quiet)
     forwarder.wake()
     await receiver.wait_for(1)
-    elapsed = time.monotonic() - started
     await forwarder.close()
     assert stale_qr(receiver.received) == [("stale_qr", "firing", 1)]
     assert len(receiver.content_types) == 3
-    assert elapsed >= 0.05 * 0.5 + 0.1 * 0.5  # two jittered backoff delays
+    # two jittered backoff delays, the second twice the first's base
+    delays = [r.__dict__["delay"] for r in caplog.records if getattr(r, "action", None) == "alert_retry"]
+    assert len(delays) == 2
+    assert 0.05 * 0.5 - 0.01 <= delays[0] <= 0.05 + 0.01 and 0.1 * 0.5 - 0.01 <= delays[1] <= 0.1 + 0.01
     assert (forwarder.delivered, forwarder.failed) == (1, 0)
     assert [(d["attempts"], d["delivered"]) for d in deliveries(quiet)] == [(1, True)]
 
 
 async def test_a_failed_round_is_released_and_the_next_round_delivers_it_once(
-    quiet: Database, receiver: Receiver, connect: Connect
+    quiet: Database, receiver: Receiver, pool: db.Pool
 ) -> None:
-    quiet.query("UPDATE pgqr.settings SET value = '0.2 seconds' WHERE key = 'alert_delivery_retry_after'")
+    # the shortest wait a setting allows
+    quiet.query("UPDATE pgqr.settings SET value = '1 second' WHERE key = 'alert_delivery_retry_after'")
     receiver.replies = [400]  # not retried within the round; the database schedules another
-    forwarder = AlertForwarder(receiver.url, connect, "one", base_delay=0.01)
+    forwarder = AlertForwarder(receiver.url, pool, "one", base_delay=0.01)
     await forwarder.start()
     fire(quiet)
     forwarder.wake()
     await wait_until(lambda: deliveries(quiet)[0]["last_error"], what="the failed round")
     assert (deliveries(quiet)[0]["lease_owner"], len(receiver.content_types)) == (None, 1)
-    await receiver.wait_for(1)  # no wake-up: the forwarder looks again when the retry is due
+    await receiver.wait_for(1, 10)  # no wake-up: the forwarder looks again when the retry is due
     await asyncio.sleep(0.2)
     await forwarder.close()
     assert stale_qr(receiver.received) == [("stale_qr", "firing", 1)]
@@ -242,12 +239,12 @@ async def test_a_failed_round_is_released_and_the_next_round_delivers_it_once(
 
 
 async def test_a_delivery_is_given_up_after_the_attempt_cap_and_no_longer_blocks_its_rule(
-    quiet: Database, receiver: Receiver, connect: Connect
+    quiet: Database, receiver: Receiver, pool: db.Pool
 ) -> None:
-    quiet.query("UPDATE pgqr.settings SET value = '0 seconds' WHERE key = 'alert_delivery_retry_after'")
+    quiet.query("UPDATE pgqr.settings SET value = '1 second' WHERE key = 'alert_delivery_retry_after'")
     quiet.query("UPDATE pgqr.settings SET value = '2' WHERE key = 'alert_delivery_max_attempts'")
     receiver.replies = [400, 400]
-    forwarder = AlertForwarder(receiver.url, connect, "one", base_delay=0.01)
+    forwarder = AlertForwarder(receiver.url, pool, "one", base_delay=0.01)
     await forwarder.start()
     fire(quiet)
     resolve(quiet)
@@ -263,11 +260,11 @@ async def test_a_delivery_is_given_up_after_the_attempt_cap_and_no_longer_blocks
 
 
 async def test_an_unreachable_endpoint_gives_up_and_never_logs_the_urls_secrets(
-    quiet: Database, connect: Connect, caplog: pytest.LogCaptureFixture,
+    quiet: Database, pool: db.Pool, caplog: pytest.LogCaptureFixture,
 ) -> None:
     port = free_port()  # nothing listens there
     url = f"http://alerts:pa55w0rd@127.0.0.1:{port}/hooks/s3cr3t-path?token=q-s3cr3t"
-    forwarder = AlertForwarder(url, connect, "one", max_attempts=2, base_delay=0.01, timeout=1)
+    forwarder = AlertForwarder(url, pool, "one", max_attempts=2, base_delay=0.01, timeout=1)
     caplog.set_level(logging.DEBUG, logger="pgqr.alerts")
     fire(quiet)
     await forwarder.start()
@@ -292,7 +289,7 @@ async def test_pgqr_run_forwards_a_firing_and_a_resolved_alert_to_the_alert_webh
     quiet: Database, receiver: Receiver, simulator: Simulator
 ) -> None:
     env = Env(quiet, simulator)
-    async with running_service(env.settings(alert_webhook_url=receiver.url)):
+    async with running_service(env.settings(alert_webhook_url=Secret(receiver.url))):
         env.add("waiting", sim_state=None, triggers=False)
         quiet.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '10 minutes'")
         quiet.query("SELECT pgqr.check_alerts()")
@@ -307,7 +304,7 @@ async def test_two_replicas_of_pgqr_run_deliver_one_firing_and_one_resolved(
     quiet: Database, receiver: Receiver, simulator: Simulator
 ) -> None:
     env = Env(quiet, simulator)
-    settings = env.settings(alert_webhook_url=receiver.url)
+    settings = env.settings(alert_webhook_url=Secret(receiver.url))
     async with running_service(settings), running_service(settings):
         env.add("waiting", sim_state=None, triggers=False)
         quiet.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '10 minutes'")
@@ -327,7 +324,7 @@ async def test_no_listener_fired_while_none_ran_is_delivered_when_one_starts(
     quiet.query("UPDATE pgqr.migrations SET applied_at = now() - interval '1 hour'")  # no grace left
     quiet.query("SELECT * FROM pgqr.check_alerts()")  # its NOTIFY reaches nobody
     env = Env(quiet, simulator)
-    async with running_service(env.settings(alert_webhook_url=receiver.url)):
+    async with running_service(env.settings(alert_webhook_url=Secret(receiver.url))):
         await wait_until(lambda: quiet.value("SELECT count(*) FROM pgqr.listeners WHERE live"), what="a heartbeat")
         quiet.query("SELECT * FROM pgqr.check_alerts()")
         await wait_until(lambda: ("no_listener", "resolved") in [(a["rule"], a["state"]) for a in receiver.received],
@@ -339,22 +336,21 @@ async def test_no_listener_fired_while_none_ran_is_delivered_when_one_starts(
 
 
 async def test_a_database_error_while_claiming_is_retried(
-    quiet: Database, receiver: Receiver, connect: Connect
+    quiet: Database, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    calls = 0
-
-    async def flaky() -> psycopg.AsyncConnection[Any]:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise psycopg.OperationalError("connection refused")
-        return await connect()
-
+    caplog.set_level(logging.INFO, logger="pgqr.alerts")
     fire(quiet)
-    forwarder = AlertForwarder(receiver.url, flaky, "one")
-    await forwarder.start()
-    await receiver.wait_for(1)
-    await forwarder.close()
+    async with work_pool(quiet, name="pgqr-alerts-test") as pool:
+        assert await pool.value("SELECT 1") == 1
+        # the pool's connection dies under it: the first claim fails
+        quiet.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                    ("pgqr-alerts-test",))
+        forwarder = AlertForwarder(receiver.url, pool, "one")
+        await forwarder.start()
+        await receiver.wait_for(1, 15)
+        await forwarder.close()
+    actions = [getattr(r, "action", None) for r in caplog.records if r.name == "pgqr.alerts"]
+    assert actions[:1] == ["alert_db_error"], actions
     assert stale_qr(receiver.received) == [("stale_qr", "firing", 1)]
 
 
@@ -362,7 +358,7 @@ async def test_a_forged_pgqr_alert_notification_delivers_nothing(
     quiet: Database, receiver: Receiver, simulator: Simulator
 ) -> None:
     env = Env(quiet, simulator)
-    async with running_service(env.settings(alert_webhook_url=receiver.url)) as service:
+    async with running_service(env.settings(alert_webhook_url=Secret(receiver.url))) as service:
         await settled(service)
         quiet.query("""NOTIFY pgqr_alert, '{"rule": "fake", "state": "firing", "detail": "pay me"}'""")
         quiet.query("SELECT pg_notify('pgqr_alert', 'not json')")
@@ -375,7 +371,7 @@ async def test_an_endpoint_failing_then_recovering_gets_the_alert_once(
 ) -> None:
     env = Env(quiet, simulator)
     receiver.replies = [503, 502]
-    async with running_service(env.settings(alert_webhook_url=receiver.url)) as service:
+    async with running_service(env.settings(alert_webhook_url=Secret(receiver.url))) as service:
         assert service.alerts is not None
         service.alerts.base_delay = 0.05
         env.add("waiting", sim_state=None, triggers=False)
