@@ -24,6 +24,8 @@ def test_migrate_twice_applies_once_then_is_a_no_op(db: Database) -> None:
     assert [line for line in first.stdout.splitlines() if line.startswith("applied")] == [
         f"applied {m.name}" for m in migrations.load()
     ]
+    assert first.stdout.splitlines()[-2:] == ["created public.evolution_instances (the default layout)",
+                                              "bound public.evolution_instances (key id)"]
     second = run_pgqr("migrate", env={"DATABASE_URL": db.dsn})
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip() == "nothing to migrate"
@@ -77,7 +79,7 @@ def test_a_failing_migration_rolls_back_whole_and_earlier_ones_stay(db: Database
     assert [r["version"] for r in db.query("SELECT version FROM pgqr.migrations ORDER BY 1")] == VERSIONS
 
 
-def test_an_existing_app_table_keeps_its_rows_and_gains_only_missing_columns(db: Database) -> None:
+def test_an_existing_app_table_keeps_its_rows_and_columns_and_is_bound_as_it_is(db: Database) -> None:
     db.query("""
         CREATE TABLE public.evolution_instances (
             id bigserial PRIMARY KEY,
@@ -95,7 +97,9 @@ def test_an_existing_app_table_keeps_its_rows_and_gains_only_missing_columns(db:
         FROM generate_series(1, 25) g;
     """)
     before = db.query("SELECT * FROM public.evolution_instances ORDER BY id")
-    migrations.migrate(db.dsn)
+    columns_before = {r["column_name"] for r in db.query(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'evolution_instances'")}
+    assert migrations.migrate(db.dsn)[-1] == "bound public.evolution_instances (key id)"  # not created
     after = db.query(
         "SELECT id, user_id, instance_name, instance_token, instance_status, qr_code, last_qr_update, plan "
         "FROM public.evolution_instances ORDER BY id"
@@ -103,7 +107,11 @@ def test_an_existing_app_table_keeps_its_rows_and_gains_only_missing_columns(db:
     assert after == before
     columns = {r["column_name"] for r in db.query(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'evolution_instances'")}
-    assert {"pairing_code", "evolution_url", "plan"} <= columns
+    assert columns == columns_before  # pgqr adds no column to the app's table
+    # what the table lacks is simply not bound
+    binding = db.query("SELECT qr_column, pairing_column, url_column, token_column FROM pgqr.binding")
+    assert binding == [{"qr_column": "qr_code", "pairing_column": None, "url_column": None,
+                        "token_column": "instance_token"}]
     # the app's own unique constraint serves pgqr; no second index was added
     assert db.value("SELECT count(*) FROM pg_index WHERE indrelid = 'public.evolution_instances'::regclass "
                     "AND indisunique AND NOT indisprimary") == 1
@@ -124,7 +132,7 @@ def test_pg_cron_absent_gives_one_clear_line_and_leaves_the_database_unchanged()
 def test_verify_fails_while_pending_and_passes_after_migrate(db: Database) -> None:
     before = run_pgqr("migrate", "--verify", env={"DATABASE_URL": db.dsn})
     assert before.returncode == 1
-    assert "pending: 0001_instances.sql" in before.stdout
+    assert "pending: 0001_settings.sql" in before.stdout
     assert db.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqr'") == 0  # verify changes nothing
     run_pgqr("migrate", env={"DATABASE_URL": db.dsn})
     after = run_pgqr("migrate", "--verify", env={"DATABASE_URL": db.dsn})
@@ -141,7 +149,7 @@ def test_verify_reports_a_missing_object_a_changed_file_and_a_missing_cron_job(m
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert "missing function: pgqr.tick" in lines
-    assert "changed since applied: 0002_pgqr_schema.sql" in lines
+    assert "changed since applied: 0002_state.sql" in lines
     assert f"missing cron job: pgqr-tick@{migrated.name}" in lines
 
 
@@ -155,8 +163,8 @@ def test_a_database_newer_than_the_code_is_refused(migrated: Database) -> None:
 def test_dry_run_prints_the_sql_and_changes_nothing(db: Database) -> None:
     result = run_pgqr("migrate", "--dry-run", env={"DATABASE_URL": db.dsn})
     assert result.returncode == 0, result.stderr
-    assert "-- 0001_instances.sql" in result.stdout
-    assert "CREATE TABLE IF NOT EXISTS public.evolution_instances" in result.stdout
+    assert "-- 0001_settings.sql" in result.stdout
+    assert "CREATE TABLE public.evolution_instances" in result.stdout  # the default layout's table
     assert db.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgqr'") == 0
 
 
