@@ -17,7 +17,7 @@ import aiohttp
 import psycopg
 import pytest
 from conftest import Database, run_pgqr
-from service_fixtures import Env, metric, running_service, settled, start_pgqr, wait_until
+from service_fixtures import Env, metric, notifications, running_service, settled, start_pgqr, wait_until
 
 from pgqr import db, listener
 from pgqr.devdb import free_port
@@ -66,6 +66,18 @@ async def test_the_new_instance_trigger_wakes_the_listener_for_a_first_qr(env: E
         assert str(env.row("fresh")["qr_code"]).startswith("data:image/png;base64,")
         assert metric(service, "pgqr_wakeups_total", source="notify") >= 1
     assert env.db.value("SELECT count(*) FROM pgqr.ticks") == 0  # the trigger's NOTIFY, not a tick
+
+
+async def test_the_trigger_wakes_listeners_with_the_key_never_the_name(env: Env) -> None:
+    long_name = "shop-" + "x" * 9000  # a name in the payload would fail the app's INSERT (8000 bytes at most)
+    async with notifications(env.db.dsn, "pgqr_refresh") as collect:
+        env.add(long_name, sim_state=None)
+        payloads = await collect(0.5)
+    assert payloads == [{"reason": "waiting", "key": str(env.row(long_name)["id"])}]
+    # positive control: a row that is not waiting wakes nobody
+    async with notifications(env.db.dsn, "pgqr_refresh") as collect:
+        env.add("linked", sim_state=None, status="connected")
+        assert await collect(0.5) == []
 
 
 async def test_the_fallback_timer_refreshes_without_any_notification(env: Env) -> None:
