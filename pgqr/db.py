@@ -130,10 +130,13 @@ def storable(*values: str | None) -> bool:
     return True
 
 
-async def claim(pool: Pool, owner: str, limit: int, lease_seconds: float) -> list[Claimed]:
-    """Lease up to `limit` due instances in one short autocommit statement; HTTP happens after it committed."""
+async def claim(pool: Pool, owner: str, limit: int, lease_seconds: float,
+                due_by: datetime | None = None) -> list[Claimed]:
+    """Lease up to `limit` instances due by `due_by` (default: now) in one short autocommit statement; HTTP
+    happens after it committed."""
     rows: list[Claimed] = await pool.rows(
-        Claimed, "SELECT * FROM pgqr.claim(%s, %s, make_interval(secs => %s))", (owner, limit, lease_seconds))
+        Claimed, "SELECT * FROM pgqr.claim(%s, %s, make_interval(secs => %s), coalesce(%s, now()))",
+        (owner, limit, lease_seconds, due_by))
     return rows
 
 
