@@ -5,6 +5,12 @@
 -- lacks (the QR's timestamps, its expiry estimate, the QR itself when there is no column for it) lives in
 -- pgqr.instance_state.
 
+-- Names come from the app as it wrote them, of any length: a btree entry holds at most ~2.7 kB, so one long
+-- name failed the trigger's bookkeeping for its row and every tick's sync_instances() for all rows. A hash
+-- index serves find_instances()' equality lookups and has no such limit.
+DROP INDEX pgqr.instance_state_name_idx;
+CREATE INDEX instance_state_name_idx ON pgqr.instance_state USING hash (name);
+
 CREATE TABLE pgqr.binding (
     singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     table_name        text NOT NULL,        -- schema-qualified, quoted as needed
