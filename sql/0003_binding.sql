@@ -92,7 +92,8 @@ BEGIN
         EXECUTE format('INSERT INTO pg_temp.pgqr_binding_probe (%I) VALUES (%L)', col, value);
     EXCEPTION WHEN OTHERS THEN
         EXECUTE 'DROP TABLE pg_temp.pgqr_binding_probe';
-        RETURN SQLERRM;
+        -- name the app's table, not the probe
+        RETURN replace(SQLERRM, '"pgqr_binding_probe"', tbl::text);
     END;
     EXECUTE 'DROP TABLE pg_temp.pgqr_binding_probe';
     RETURN NULL;
@@ -147,7 +148,8 @@ BEGIN
     IF b.connected_value = ANY(b.waiting_values) OR b.gave_up_value = ANY(b.waiting_values) THEN
         problems := problems || 'the connected and gave-up values must not be waiting values'::text;
     END IF;
-    IF cardinality(problems) = 0 THEN
+    -- probed whenever the status column is there, so one run lists this problem beside any other
+    IF pgqr.column_category(tbl, b.status_column) IN ('S', 'E') THEN
         FOREACH v IN ARRAY array_remove(b.waiting_values || b.connected_value || b.gave_up_value, NULL) LOOP
             refusal := pgqr.value_refused(tbl, b.status_column, v);
             IF refusal IS NOT NULL THEN
