@@ -130,8 +130,9 @@ BEGIN
         ELSIF col.category = 'S' AND pgqr.column_category(tbl, col.name) NOT IN ('S', 'E') THEN
             problems := problems || format('column %I (the %s column) is %s, not text-like', col.name, col.role,
                                            pgqr.column_type(tbl, col.name));
-        ELSIF col.category = 'D' AND pgqr.column_type(tbl, col.name) NOT IN
-                ('timestamp with time zone', 'timestamp without time zone') THEN
+        -- with or without a precision: Prisma's DateTime is timestamp(3)
+        ELSIF col.category = 'D' AND pgqr.column_type(tbl, col.name) !~
+                '^timestamp(\(\d\))? with(out)? time zone$' THEN
             problems := problems || format('column %I (the %s column) is %s, not a timestamp', col.name, col.role,
                                            pgqr.column_type(tbl, col.name));
         END IF;
