@@ -274,9 +274,11 @@ BEGIN
         END
         $body$$trg$, b.key_column, b.status_column, b.waiting_values, b.name_column);
     EXECUTE format('DROP TRIGGER IF EXISTS pgqr_instance_change ON %s', tbl);
-    EXECUTE format('CREATE TRIGGER pgqr_instance_change AFTER INSERT OR DELETE OR UPDATE OF %I, %I, %I ON %s '
+    -- the key may also be the name (a table keyed by instance name): UPDATE OF refuses a column named twice
+    EXECUTE format('CREATE TRIGGER pgqr_instance_change AFTER INSERT OR DELETE OR UPDATE OF %s ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION pgqr.on_app_change()',
-                   b.key_column, b.name_column, b.status_column, tbl);
+                   (SELECT string_agg(DISTINCT quote_ident(c), ', ')
+                    FROM unnest(ARRAY[b.key_column, b.name_column, b.status_column]) c), tbl);
 END
 $gen$;
 
