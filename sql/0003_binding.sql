@@ -300,7 +300,8 @@ DECLARE
     old      pgqr.binding;
     problems text[];
 BEGIN
-    IF tbl IS NOT NULL AND key_column IS NULL THEN
+    -- only a table has a primary key to default to; a view is refused below with a message that says so
+    IF key_column IS NULL AND (SELECT relkind FROM pg_class WHERE oid = tbl) IN ('r', 'p') THEN
         SELECT CASE WHEN count(*) = 1 THEN min(a.attname) END INTO key_column
         FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = ANY(x.indkey)
         WHERE x.indrelid = tbl AND x.indisprimary;
