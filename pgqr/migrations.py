@@ -291,7 +291,9 @@ def bind(conn: psycopg.Connection[tuple[object, ...]], settings: Settings, *,
             conn.execute("SELECT pgqr.install_binding(b) FROM pgqr.binding b")  # the current generator's SQL
             return []
         created = False
-        if "table" not in settings.explicit and settings.table == "public.evolution_instances":
+        # only a first install makes the seed's table: a re-bind that does not name a table must not create one
+        # (and quietly move pgqr's trigger onto it)
+        if not stored and "table" not in settings.explicit and settings.table == "public.evolution_instances":
             row = conn.execute("SELECT pgqr.create_default_table()").fetchone()
             created = bool(row and row[0])
         args = {attr: getattr(settings, attr) for attr in BINDING_ATTRS}

@@ -75,6 +75,22 @@ def _relative(now: datetime, value: str | None) -> str:
     return f"in {_age(delta)}" if delta > 0 else f"{_age(delta)} ago"
 
 
+def describe_binding(binding: dict[str, Any] | None) -> str:
+    """One line: the bound table, its key, name and status columns with their values, and the optional columns
+    that are bound."""
+    if not binding:
+        return "nothing bound (run `pgqr bind`)"
+    b = binding
+    parts = [f"key {b['key_column']}", f"name {b['name_column']}",
+             f"status {b['status_column']} (waiting {','.join(b['waiting_values'])}; connected "
+             f"{b['connected_value']}; gave up {b['gave_up_value'] or '-'})"]
+    parts += [f"{label} {b[attr]}" for label, attr in (
+        ("token", "token_column"), ("url", "url_column"), ("qr", "qr_column"), ("qr at", "qr_at_column"),
+        ("qr expires", "qr_expires_column"), ("pairing", "pairing_column"), ("phone", "phone_column"))
+        if b.get(attr)]
+    return f"{b['table_name']}: " + ", ".join(parts)
+
+
 def format_status(doc: dict[str, Any]) -> str:
     """The status document as a table for humans, with a summary line of listeners, ticks, jobs, alerts."""
     now = datetime.fromisoformat(doc["now"])
@@ -101,6 +117,7 @@ def format_status(doc: dict[str, Any]) -> str:
         f"listeners: {len(live)} live · last tick: {_relative(now, doc['last_tick_at'])} · "
         f"jobs: {len(active)}/{len(doc['jobs'])} active · alerts firing: {alerts}"
     )
+    lines.append(f"binding: {describe_binding(doc.get('binding'))}")
     return "\n".join(lines)
 
 
@@ -267,6 +284,8 @@ def doctor(settings: Settings) -> list[Check]:
             checks.append(Check("jobs", False, "cannot check the jobs without pg_cron",
                                 "see the pg_cron check"))
         if installed:
+            _check_binding(conn, checks)
+            _check_names(conn, settings, checks)
             _check_listener(conn, checks)
             _check_tokens(conn, settings, checks)
     checks.append(asyncio.run(_check_evolution(settings)))
@@ -351,6 +370,47 @@ def _check_jobs(conn: Conn, settings: Settings, setup: migrations.CronSetup, che
         ))
     else:
         checks.append(Check("job runs", True, f"no failed last run among {len(failed)} job(s) that ran"))
+
+
+def _check_binding(conn: Conn, checks: list[Check]) -> None:
+    row = conn.execute(
+        """SELECT to_jsonb(b) - 'singleton', to_regclass(b.table_name) IS NOT NULL,
+                  EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = to_regclass(b.table_name)
+                          AND t.tgname = 'pgqr_instance_change')
+           FROM pgqr.binding b""").fetchone()
+    if row is None:
+        checks.append(Check("binding", False, "no table is bound", "run `pgqr bind --table ...`"))
+        return
+    binding, exists, triggered = row
+    if not exists:
+        checks.append(Check("binding", False, f"{binding['table_name']} no longer exists",
+                            "run `pgqr bind --table ...` with the app's instances table"))
+    elif not triggered:
+        checks.append(Check("binding", False, f"pgqr's trigger is missing on {binding['table_name']}",
+                            "run `pgqr migrate` (it installs the trigger again)"))
+    else:
+        checks.append(Check("binding", True, describe_binding(binding)))
+
+
+def _check_names(conn: Conn, settings: Settings, checks: list[Check]) -> None:
+    """Evolution's instance names are unique per server: two rows with one name and one server are one
+    Evolution instance, which both would poll and whose webhooks cannot tell them apart."""
+    rows = conn.execute(
+        """SELECT a.name, count(*) FROM pgqr.app_instances a
+           GROUP BY a.name, rtrim(coalesce(nullif(a.url, ''), %s), '/')
+           HAVING count(*) > 1 ORDER BY count(*) DESC, a.name LIMIT 6""",
+        (settings.default_evolution_url,)).fetchall()
+    if not rows:
+        checks.append(Check("names", True, "no two rows share an instance name on one Evolution server"))
+        return
+    shown = ", ".join(f"{_clip(str(name))} ({count} rows)" for name, count in rows[:5])
+    more = " and more" if len(rows) > 5 else ""
+    checks.append(Check("names", False, f"rows share an instance name on one Evolution server: {shown}{more}",
+                        "give each row its own instance name, or its own server in the URL column"))
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _check_listener(conn: Conn, checks: list[Check]) -> None:
