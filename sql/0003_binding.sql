@@ -256,7 +256,9 @@ BEGIN
                                                ELSE s.connecting_since END,
                        consecutive_failures = CASE WHEN EXCLUDED.waiting AND NOT s.waiting THEN 0
                                                    ELSE s.consecutive_failures END,
-                       repeats = CASE WHEN EXCLUDED.waiting AND NOT s.waiting THEN 0 ELSE s.repeats END
+                       repeats = CASE WHEN EXCLUDED.waiting AND NOT s.waiting THEN 0 ELSE s.repeats END,
+                       -- the app may have cleared its QR: the next image seen is news again
+                       qr_md5 = CASE WHEN EXCLUDED.waiting AND NOT s.waiting THEN NULL ELSE s.qr_md5 END
                  WHERE s.name IS DISTINCT FROM EXCLUDED.name OR s.waiting IS DISTINCT FROM EXCLUDED.waiting;
                 IF w AND NOT was THEN
                     -- the key, not the name: a NOTIFY payload over 8000 bytes would fail the app's statement
@@ -375,7 +377,8 @@ BEGIN
     UPDATE pgqr.instance_state s
        SET name = coalesce(a.name, ''), waiting = coalesce(a.waiting, false),
            due_at = CASE WHEN NOT coalesce(a.waiting, false) THEN NULL WHEN NOT s.waiting THEN now() ELSE s.due_at END,
-           connecting_since = CASE WHEN a.waiting AND NOT s.waiting THEN now() ELSE s.connecting_since END
+           connecting_since = CASE WHEN a.waiting AND NOT s.waiting THEN now() ELSE s.connecting_since END,
+           qr_md5 = CASE WHEN a.waiting AND NOT s.waiting THEN NULL ELSE s.qr_md5 END
       FROM pgqr.app_instances a
      WHERE a.key = s.key
        AND (s.name IS DISTINCT FROM coalesce(a.name, '') OR s.waiting IS DISTINCT FROM coalesce(a.waiting, false));

@@ -12,7 +12,12 @@ DECLARE
     t pgqr.ticks;
 BEGIN
     INSERT INTO pgqr.ticks DEFAULT VALUES RETURNING * INTO t;
-    PERFORM pgqr.sync_instances();
+    BEGIN
+        PERFORM pgqr.sync_instances();
+    EXCEPTION WHEN OTHERS THEN
+        -- one row pgqr cannot track must not stop the tick (and its NOTIFY) for everyone
+        RAISE WARNING 'pgqr: syncing the app''s rows failed (%); the tick goes on', SQLERRM;
+    END;
     PERFORM pg_notify('pgqr_refresh', json_build_object('tick', t.id, 'at', t.at)::text);
     RETURN t.id;
 END
@@ -209,7 +214,11 @@ BEGIN
 
     -- the bookkeeping, with the next due time and the QR estimate
     WITH planned AS (
-        SELECT r.*, p.changed, p.due_at, p.qr_born_after, p.qr_seen_at, p.qr_expires_at, p.repeats
+        -- a row no longer waiting keeps what pgqr knew of its QR: nothing was written to it
+        SELECT r.*, p.changed AND s.waiting AS changed, p.due_at,
+               CASE WHEN s.waiting THEN p.qr_born_after ELSE s.qr_born_after END AS qr_born_after,
+               CASE WHEN s.waiting THEN p.qr_seen_at ELSE s.qr_seen_at END AS qr_seen_at,
+               CASE WHEN s.waiting THEN p.qr_expires_at ELSE s.qr_expires_at END AS qr_expires_at, p.repeats
         FROM unnest(rs) r JOIN pgqr.instance_state s ON s.key = r.key, LATERAL pgqr.plan_next(s, r) p
         WHERE r.key = ANY(mine)
     ), upd AS (

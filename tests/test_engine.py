@@ -187,3 +187,16 @@ async def test_a_repeated_connection_update_writes_nothing(env: Env) -> None:
     finally:
         await pool.close()
     assert isinstance(before, str) and isinstance(after, str)
+
+
+async def test_a_row_that_turns_waiting_again_gets_its_qr_written_even_when_evolution_shows_the_same_image(
+        env: Env) -> None:
+    env.add("shop")
+    await env.reconcile()
+    image = env.row("shop")["qr_code"]
+    # the app parks the row and asks again, clearing its QR; Evolution still shows the same image
+    env.db.query("UPDATE evolution_instances SET instance_status = 'paused', qr_code = NULL WHERE instance_name = 'shop'")
+    env.db.query("UPDATE evolution_instances SET instance_status = 'connecting' WHERE instance_name = 'shop'")
+    summary = await env.reconcile()
+    assert [r.outcome for r in summary.results] == ["qr_stored"]
+    assert env.row("shop")["qr_code"] == image
