@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 from psycopg import errors
+from psycopg.conninfo import conninfo_to_dict
 
 from . import migrations
 from .alerts import safe_origin
 from .evolution import EvolutionClient, Failure, NoQrYet
-from .settings import ConfigError, Settings, reveal
+from .settings import ConfigError, Settings, first_line, reveal
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -273,23 +275,37 @@ class Check:
 
 
 def doctor(settings: Settings) -> list[Check]:
-    """Every check, in order; all must pass for a healthy installation."""
+    """Every check, in order; all must pass for a healthy installation. A check the role cannot run (a
+    permission it lacks) fails with what the database said, and the others still run."""
     checks: list[Check] = []
+
+    def guarded(name: str, check: Callable[[], object]) -> object:
+        try:
+            return check()
+        except psycopg.Error as exc:
+            checks.append(Check(name, False, f"could not check: {first_line(exc)}",
+                                f"run `pgqr doctor` as a role that may (role {settings_user(settings)})"))
+            return None
+
     with _connect(settings) as conn:
-        setup = _check_pg_cron(conn, settings, checks)
-        installed = _check_schema(conn, checks)
-        if installed and setup is not None:
-            _check_jobs(conn, settings, setup, checks)
+        setup = guarded("pg_cron", lambda: _check_pg_cron(conn, settings, checks))
+        installed = bool(guarded("schema", lambda: _check_schema(conn, checks)))
+        if installed and isinstance(setup, migrations.CronSetup):
+            guarded("jobs", lambda: _check_jobs(conn, settings, setup, checks))
         elif installed:
             checks.append(Check("jobs", False, "cannot check the jobs without pg_cron",
                                 "see the pg_cron check"))
         if installed:
-            _check_binding(conn, checks)
-            _check_names(conn, settings, checks)
-            _check_listener(conn, checks)
-            _check_tokens(conn, settings, checks)
+            guarded("binding", lambda: _check_binding(conn, checks))
+            guarded("names", lambda: _check_names(conn, settings, checks))
+            guarded("listener", lambda: _check_listener(conn, checks))
+            guarded("tokens", lambda: _check_tokens(conn, settings, checks))
     checks.append(asyncio.run(_check_evolution(settings)))
     return checks
+
+
+def settings_user(settings: Settings) -> str:
+    return str(conninfo_to_dict(settings.dsn).get("user") or "of DATABASE_URL")
 
 
 def _check_pg_cron(conn: Conn, settings: Settings, checks: list[Check]) -> migrations.CronSetup | None:
@@ -388,8 +404,24 @@ def _check_binding(conn: Conn, checks: list[Check]) -> None:
     elif not triggered:
         checks.append(Check("binding", False, f"pgqr's trigger is missing on {binding['table_name']}",
                             "run `pgqr migrate` (it installs the trigger again)"))
+    elif hidden := _rows_hidden_by_rls(conn, binding["table_name"]):
+        checks.append(Check("binding", False, hidden,
+                            "connect as the table's owner, a superuser or a BYPASSRLS role (Supabase: postgres)"))
     else:
         checks.append(Check("binding", True, describe_binding(binding)))
+
+
+def _rows_hidden_by_rls(conn: Conn, table: str) -> str | None:
+    """Row-level security that hides rows from pgqr's role: pgqr would neither poll nor write them."""
+    row = conn.execute(
+        """SELECT c.relrowsecurity AND (c.relforcerowsecurity OR c.relowner <> r.oid) AND NOT r.rolbypassrls
+                  AND NOT r.rolsuper
+           FROM pg_class c, pg_roles r WHERE c.oid = to_regclass(%s) AND r.rolname = current_user""",
+        (table,)).fetchone()
+    if row and row[0]:
+        return f"{table} has row-level security and role {conn.info.user} is subject to it: pgqr sees only " \
+               "the rows its policies allow"
+    return None
 
 
 def _check_names(conn: Conn, settings: Settings, checks: list[Check]) -> None:

@@ -605,6 +605,28 @@ async def test_doctor_reports_rows_sharing_a_name_and_server_and_shows_the_bindi
             "fix: give each row its own instance name, or its own server in the URL column") in out.splitlines()
 
 
+async def test_doctor_fails_when_row_level_security_hides_rows_from_pgqrs_role(db: Database,
+                                                                              simulator: Simulator) -> None:
+    adopted(db, "bigint-instances", simulator)
+    db.query("DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgqr_worker') THEN "
+             "CREATE ROLE pgqr_worker LOGIN; END IF; END $$")
+    db.query("GRANT USAGE ON SCHEMA pgqr TO pgqr_worker; GRANT SELECT ON ALL TABLES IN SCHEMA pgqr TO pgqr_worker;"
+             "GRANT SELECT ON public.instances TO pgqr_worker; GRANT pg_read_all_settings TO pgqr_worker")
+    worker = {"DATABASE_URL": db.dsn.replace("user=postgres", "user=pgqr_worker"),
+              "EVOLUTION_API_URL": simulator.base_url}
+    # positive control: no row-level security, the binding passes for this role
+    _, out, err = await pgqr_cli("doctor", env=worker)
+    assert any(line.startswith("PASS  binding:") for line in out.splitlines()), out + err
+    db.query("ALTER TABLE public.instances ENABLE ROW LEVEL SECURITY")
+    _, out, _ = await pgqr_cli("doctor", env=worker)
+    assert ("FAIL  binding: public.instances has row-level security and role pgqr_worker is subject to it: pgqr "
+            "sees only the rows its policies allow -> fix: connect as the table's owner, a superuser or a "
+            "BYPASSRLS role (Supabase: postgres)") in out.splitlines(), out
+    # the owner (here a superuser) is not subject to it
+    _, out, _ = await pgqr_cli("doctor", env={**worker, "DATABASE_URL": db.dsn})
+    assert any(line.startswith("PASS  binding:") for line in out.splitlines()), out
+
+
 def test_status_shows_the_binding(db: Database, simulator: Simulator) -> None:
     adopted(db, "enum-app-schema", simulator)
     result = run_pgqr("status", env={"DATABASE_URL": db.dsn})
