@@ -24,6 +24,7 @@ image-test:
 lint: venv
 	$(BIN)/ruff check pgqr tests
 	$(BIN)/mypy pgqr
+	$(BIN)/lint-imports
 
 # PostgreSQL 15 + pg_cron 1.4 from Debian (the unprivileged `postgres` account comes with it).
 system:

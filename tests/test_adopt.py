@@ -7,8 +7,8 @@ what pgqr writes by design: the QR columns and the connected status of the row i
 
 from __future__ import annotations
 
-import hashlib
 import asyncio
+import hashlib
 import json
 import subprocess
 import sys

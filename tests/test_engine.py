@@ -195,7 +195,8 @@ async def test_a_row_that_turns_waiting_again_gets_its_qr_written_even_when_evol
     await env.reconcile()
     image = env.row("shop")["qr_code"]
     # the app parks the row and asks again, clearing its QR; Evolution still shows the same image
-    env.db.query("UPDATE evolution_instances SET instance_status = 'paused', qr_code = NULL WHERE instance_name = 'shop'")
+    env.db.query("UPDATE evolution_instances SET instance_status = 'paused', qr_code = NULL "
+                 "WHERE instance_name = 'shop'")
     env.db.query("UPDATE evolution_instances SET instance_status = 'connecting' WHERE instance_name = 'shop'")
     summary = await env.reconcile()
     assert [r.outcome for r in summary.results] == ["qr_stored"]

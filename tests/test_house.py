@@ -1,7 +1,9 @@
-"""The README's tables are the code's: settings declared once, error classes written once."""
+"""The house rules: the README's tables are the code's, and the import boundaries hold."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from pgqr.evolution import error_class_table
@@ -21,3 +23,12 @@ def test_the_readme_settings_table_is_the_declaration() -> None:
 
 def test_the_readme_error_class_table_is_the_client_table() -> None:
     assert section("error-classes") == error_class_table()
+
+
+def test_the_import_boundaries_hold() -> None:
+    """The contracts in pyproject.toml: the runtime never loads the simulator or the composition root, and the
+    Evolution client and the database layer stand alone (import-linter, as `make lint` runs it)."""
+    result = subprocess.run([str(Path(sys.executable).with_name("lint-imports"))], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "Contracts: 3 kept, 0 broken." in result.stdout
