@@ -2,7 +2,8 @@
 (pgqr.claim, pgqr.record_results, ...); this module knows the binding's canonical names, never the app's.
 
 Work connections assume nothing survives between statements, so they are safe through a transaction-mode
-pooler: autocommit, no server-side prepared statements, no session settings, no session advisory locks.
+pooler: autocommit, no server-side prepared statements, no session settings, no session advisory locks, no
+LISTEN (that is listener.py's own connection).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Pool:
         self._pool = AsyncConnectionPool(
             dsn, min_size=1, max_size=size, open=False, name=name, timeout=30.0,
             kwargs={"autocommit": True, "prepare_threshold": None, "application_name": name, **CONNECT_OPTIONS},
+            configure=_ignore_notifications,
         )
 
     async def open(self) -> None:
@@ -58,6 +60,16 @@ class Pool:
             cur = await conn.execute(sql, params)
             row = await cur.fetchone()
             return row[0] if row else None
+
+
+async def _ignore_notifications(conn: AsyncConn) -> None:
+    """Through a transaction pooler a work connection may be handed a server connection that another client
+    LISTENed on; psycopg would keep every such notification in an unbounded backlog. Drop them instead."""
+    conn.add_notify_handler(_drop)
+
+
+def _drop(notify: psycopg.Notify) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -198,6 +210,12 @@ async def listener_stopped(pool: Pool, owner: str) -> None:
 
 async def notify(conn: AsyncConn, channel: str, payload: str) -> None:
     await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+async def send_notify(pool: Pool, channel: str, payload: str) -> None:
+    """NOTIFY from a work connection: the listener's self-test and probe, sent the way a trigger's would be."""
+    async with pool.connection() as conn:
+        await notify(conn, channel, payload)
 
 
 # -- alert deliveries (pgqr.alert_deliveries, sql/0007) ------------------------------------------------

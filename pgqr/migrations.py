@@ -26,6 +26,13 @@ LOCK_KEY = 0x70677172  # "pgqr"
 FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
+def connect(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
+    """Every connection migrate, verify and the pg_cron calls make: autocommit, and never a server-side prepared
+    statement (psycopg prepares a query it ran five times; through a transaction pooler that statement stays
+    on a server connection the next client gets, or is missing on the one this client gets next)."""
+    return psycopg.connect(dsn, autocommit=True, prepare_threshold=None)
+
+
 class MigrationError(RuntimeError):
     """A problem a user must fix; str() is one line meant for them."""
 
@@ -205,13 +212,15 @@ def wanted_jobs(conn: psycopg.Connection[tuple[object, ...]]) -> list[Job]:
 
 def ensure_extension(dsn: str, setup: CronSetup) -> None:
     """pg_cron's extension in its database, before the migrations (views may read cron.* there)."""
-    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
+    with connect(cron_conninfo(dsn, setup)) as cron, cron.transaction():
+        # two first migrates at once (of two databases, or two replicas) would race to create it
+        cron.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         cron.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
 
 
 def schedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> None:
     """Create or update pgqr's jobs in pg_cron (cron.schedule_in_database upserts by name)."""
-    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
+    with connect(cron_conninfo(dsn, setup)) as cron:
         for job in jobs:
             row = cron.execute(
                 "SELECT cron.schedule_in_database(%s, %s, %s, %s, NULL, %s)",
@@ -226,7 +235,7 @@ def schedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> None:
 
 
 def unschedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> int:
-    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
+    with connect(cron_conninfo(dsn, setup)) as cron:
         removed = 0
         for job in jobs:
             row = cron.execute(
@@ -243,7 +252,7 @@ def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: boo
     be) done. Each file runs in its own transaction under a transaction-level advisory lock, so concurrent
     runs wait for each other and nothing depends on a session (a transaction pooler is fine)."""
     migrations = load() if migrations is None else migrations
-    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+    with connect(dsn) as conn:
         setup = cron_setup(conn)
         if dry_run:
             pending = plan(conn, migrations).pending
@@ -321,7 +330,7 @@ def verify(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
     """Every problem that makes this database not match the code; empty when all is well."""
     migrations = load() if migrations is None else migrations
     problems: list[str] = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn) as conn:
         setup = cron_setup(conn)
         current = plan(conn, migrations)
         problems += [f"pending: {m.name}" for m in current.pending]
@@ -338,7 +347,7 @@ def verify(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
 
 
 def _missing_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> list[str]:
-    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
+    with connect(cron_conninfo(dsn, setup)) as cron:
         has_cron = cron.execute("SELECT to_regclass('cron.job') IS NOT NULL").fetchone()
         if not has_cron or not has_cron[0]:
             return [f"missing extension: pg_cron in database {setup.cron_database}"]

@@ -145,7 +145,7 @@ def parse_every(text: str) -> timedelta:
 
 def cron_version(dsn: str, setup: migrations.CronSetup) -> str | None:
     """pg_cron's extversion in its database ('1.4-1'), None when the extension is not created there."""
-    with psycopg.connect(migrations.cron_conninfo(dsn, setup), autocommit=True) as cron:
+    with migrations.connect(migrations.cron_conninfo(dsn, setup)) as cron:
         row = cron.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'").fetchone()
     return str(row[0]) if row else None
 
@@ -191,10 +191,11 @@ def uninstall(settings: Settings, drop_data: bool) -> list[str]:
     """
     done: list[str] = []
     with _connect(settings) as conn:
-        # a listener in mid-transaction would make us wait forever; fail with the fix instead
-        conn.execute("SET lock_timeout = '10s'")
         try:
             with conn.transaction():
+                # a listener in mid-transaction would make us wait forever; fail with the fix instead (LOCAL: a
+                # pooler hands this connection to someone else afterwards)
+                conn.execute("SET LOCAL lock_timeout = '10s'")
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (migrations.LOCK_KEY,))  # not while a migrate runs
                 done += _uninstall(settings, conn, drop_data)
         except errors.LockNotAvailable:
@@ -299,6 +300,7 @@ def doctor(settings: Settings) -> list[Check]:
             guarded("binding", lambda: _check_binding(conn, checks))
             guarded("names", lambda: _check_names(conn, settings, checks))
             guarded("listener", lambda: _check_listener(conn, checks))
+            guarded("listen", lambda: _check_listen(conn, checks))
             guarded("tokens", lambda: _check_tokens(conn, settings, checks))
     checks.append(asyncio.run(_check_evolution(settings)))
     return checks
@@ -348,7 +350,7 @@ def _check_schema(conn: Conn, checks: list[Check]) -> bool:
 def _check_jobs(conn: Conn, settings: Settings, setup: migrations.CronSetup, checks: list[Check]) -> None:
     jobs = migrations.wanted_jobs(conn)
     names = [setup.jobname(j.name) for j in jobs]
-    with psycopg.connect(migrations.cron_conninfo(settings.dsn, setup), autocommit=True) as cron:
+    with migrations.connect(migrations.cron_conninfo(settings.dsn, setup)) as cron:
         found = {
             str(name): (str(schedule), bool(active), str(database))
             for name, schedule, active, database in cron.execute(
@@ -457,6 +459,26 @@ def _check_listener(conn: Conn, checks: list[Check]) -> None:
                             f"{int(youngest.total_seconds())}s ago", "restart `pgqr run` and read its log"))
     else:
         checks.append(Check("listener", False, "no listener is running", "start `pgqr run`"))
+
+
+LISTEN_FIX = ("set PGQR_LISTEN_DATABASE_URL to a direct or session-mode URL of this database (Supabase: port "
+              "5432, not the transaction pooler's 6543) and restart `pgqr run`")
+
+
+def _check_listen(conn: Conn, checks: list[Check]) -> None:
+    """Live listeners whose LISTEN does not deliver (listen_ok = false in their heartbeat) serve by polling only."""
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE listen_ok IS FALSE), count(*), "
+        "       string_agg(host || ':' || pid, ', ' ORDER BY host, pid) FILTER (WHERE listen_ok IS FALSE) "
+        "FROM pgqr.listeners WHERE live"
+    ).fetchone()
+    failing, live, which = row or (0, 0, None)
+    if failing:
+        checks.append(Check("listen", False, f"{failing} of {live} live listener(s) get no notifications ({which}): "
+                            "their LISTEN goes through a transaction-mode pooler, so they poll every second "
+                            "instead", LISTEN_FIX))
+    else:
+        checks.append(Check("listen", True, f"notifications reach all {live} live listener(s)"))
 
 
 def _check_tokens(conn: Conn, settings: Settings, checks: list[Check]) -> None:

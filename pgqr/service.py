@@ -59,7 +59,8 @@ class Service:
         if self.alerts is not None:
             handlers[ALERT_CHANNEL] = lambda payload: self.alerts.wake() if self.alerts else None
         self.listener = Listener(settings.listen_dsn, handlers, self._on_listen, probe_seconds=settings.probe_seconds,
-                                 on_reconnect=self.metrics.reconnects.inc)
+                                 on_reconnect=self.metrics.reconnects.inc,
+                                 send=lambda channel, payload: db.send_notify(self.pool, channel, payload))
         self.stopping = False
         self.crashed = False  # a loop died: `pgqr run` exits 1
         self.http_port: int | None = None
