@@ -283,6 +283,7 @@ def sync_error_classes(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     """Copy the one table of error classes (pgqr/evolution.py) into pgqr.error_classes."""
     rows = [(name, i.transient, i.backoff_base, i.backoff_max, i.meaning) for name, i in ERROR_CLASSES.items()]
     with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         conn.execute("DELETE FROM pgqr.error_classes")
         with conn.cursor() as cur:
             cur.executemany("INSERT INTO pgqr.error_classes VALUES (%s, %s, make_interval(secs => %s), "
