@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from . import logs, migrations
+from .errors import ConfigurationError, MigrationError
 from .settings import ConfigError, Settings, add_flags, first_line, load, rejected_dsn
 
 Command = Callable[[argparse.Namespace], int]
@@ -264,10 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except (ConfigError, migrations.ConfigurationError) as exc:
+    except (ConfigError, ConfigurationError) as exc:
         print(f"pgqr: {exc}", file=sys.stderr)
         return 2
-    except migrations.MigrationError as exc:
+    except MigrationError as exc:
         print(f"pgqr: {exc}", file=sys.stderr)
         return 1
     except psycopg.Error as exc:

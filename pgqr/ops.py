@@ -15,15 +15,16 @@ import psycopg
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 
-from . import migrations
+from . import cron, migrations
 from .alerts import safe_origin
+from .errors import ConfigurationError, MigrationError
 from .evolution import EvolutionClient, Failure, NoQrYet
 from .settings import ConfigError, Settings, first_line, reveal
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
-class NotInstalled(migrations.MigrationError):
+class NotInstalled(MigrationError):
     """The database has no pgqr schema (exit status 1, with the fix)."""
 
 
@@ -143,16 +144,16 @@ def parse_every(text: str) -> timedelta:
     return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)[0].lower()])
 
 
-def cron_version(dsn: str, setup: migrations.CronSetup) -> str | None:
+def cron_version(dsn: str, setup: cron.CronSetup) -> str | None:
     """pg_cron's extversion in its database ('1.4-1'), None when the extension is not created there."""
-    with migrations.connect(migrations.cron_conninfo(dsn, setup)) as cron:
-        row = cron.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'").fetchone()
+    with cron.connect(cron.cron_conninfo(dsn, setup)) as cron_db:
+        row = cron_db.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'").fetchone()
     return str(row[0]) if row else None
 
 
-def _resync(settings: Settings, conn: Conn, setup: migrations.CronSetup) -> None:
+def _resync(settings: Settings, conn: Conn, setup: cron.CronSetup) -> None:
     """pgqr.jobs changed: apply it in pg_cron's database (pgqr.sync_cron() can only do that from there)."""
-    migrations.schedule_jobs(settings.dsn, setup, migrations.wanted_jobs(conn))
+    cron.schedule_jobs(settings.dsn, setup, cron.wanted_jobs(conn))
 
 
 def schedule(settings: Settings, every: str) -> str:
@@ -160,7 +161,7 @@ def schedule(settings: Settings, every: str) -> str:
     period = parse_every(every)
     with _connect(settings) as conn:
         _require_installed(conn)
-        setup = migrations.cron_setup(conn)
+        setup = cron.cron_setup(conn)
         version = cron_version(settings.dsn, setup)
         try:
             row = conn.execute("SELECT pgqr.schedule(%s, %s)", (period, version)).fetchone()
@@ -175,7 +176,7 @@ def set_active(settings: Settings, active: bool) -> int:
     """pgqr.pause() / pgqr.resume(), then pg_cron; returns how many jobs changed state."""
     with _connect(settings) as conn:
         _require_installed(conn)
-        setup = migrations.cron_setup(conn)
+        setup = cron.cron_setup(conn)
         row = conn.execute("SELECT pgqr.resume()" if active else "SELECT pgqr.pause()").fetchone()
         _resync(settings, conn, setup)
     return int(row[0]) if row else 0
@@ -196,10 +197,10 @@ def uninstall(settings: Settings, drop_data: bool) -> list[str]:
                 # a listener in mid-transaction would make us wait forever; fail with the fix instead (LOCAL: a
                 # pooler hands this connection to someone else afterwards)
                 conn.execute("SET LOCAL lock_timeout = '10s'")
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (migrations.LOCK_KEY,))  # not while a migrate runs
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (cron.LOCK_KEY,))  # not while a migrate runs
                 done += _uninstall(settings, conn, drop_data)
         except errors.LockNotAvailable:
-            raise migrations.MigrationError(
+            raise MigrationError(
                 "pgqr's tables are in use: stop every `pgqr run`, then uninstall again") from None
     return done
 
@@ -207,15 +208,15 @@ def uninstall(settings: Settings, drop_data: bool) -> list[str]:
 def _uninstall(settings: Settings, conn: Conn, drop_data: bool) -> list[str]:
     done: list[str] = []
     installed = _installed(conn)
-    jobs = migrations.wanted_jobs(conn) if installed else []
+    jobs = cron.wanted_jobs(conn) if installed else []
     try:
-        setup: migrations.CronSetup | None = migrations.cron_setup(conn)
-    except migrations.ConfigurationError:
+        setup: cron.CronSetup | None = cron.cron_setup(conn)
+    except ConfigurationError:
         setup = None  # no pg_cron, so nothing scheduled
     if setup is not None and jobs:
         if drop_data:
             _forget_history(settings.dsn, setup, jobs)
-        removed = migrations.unschedule_jobs(settings.dsn, setup, jobs)
+        removed = cron.unschedule_jobs(settings.dsn, setup, jobs)
         done.append(f"unscheduled {removed} pg_cron job(s) in database {setup.cron_database}")
     table = None
     if installed:
@@ -247,10 +248,10 @@ def _drop_monitor_role(conn: Conn) -> bool:
         return False
 
 
-def _forget_history(dsn: str, setup: migrations.CronSetup, jobs: list[migrations.Job]) -> None:
-    with psycopg.connect(migrations.cron_conninfo(dsn, setup), autocommit=True) as cron:
+def _forget_history(dsn: str, setup: cron.CronSetup, jobs: list[cron.Job]) -> None:
+    with psycopg.connect(cron.cron_conninfo(dsn, setup), autocommit=True) as cron_db:
         for job in jobs:
-            cron.execute(
+            cron_db.execute(
                 "DELETE FROM cron.job_run_details WHERE jobid IN "
                 "(SELECT jobid FROM cron.job WHERE jobname = %s AND database = %s)",
                 (setup.jobname(job.name), job.database(setup)),
@@ -291,7 +292,7 @@ def doctor(settings: Settings) -> list[Check]:
     with _connect(settings) as conn:
         setup = guarded("pg_cron", lambda: _check_pg_cron(conn, settings, checks))
         installed = bool(guarded("schema", lambda: _check_schema(conn, checks)))
-        if installed and isinstance(setup, migrations.CronSetup):
+        if installed and isinstance(setup, cron.CronSetup):
             guarded("jobs", lambda: _check_jobs(conn, settings, setup, checks))
         elif installed:
             checks.append(Check("jobs", False, "cannot check the jobs without pg_cron",
@@ -310,10 +311,10 @@ def settings_user(settings: Settings) -> str:
     return str(conninfo_to_dict(settings.dsn).get("user") or "of DATABASE_URL")
 
 
-def _check_pg_cron(conn: Conn, settings: Settings, checks: list[Check]) -> migrations.CronSetup | None:
+def _check_pg_cron(conn: Conn, settings: Settings, checks: list[Check]) -> cron.CronSetup | None:
     try:
-        setup = migrations.cron_setup(conn)
-    except migrations.ConfigurationError as exc:
+        setup = cron.cron_setup(conn)
+    except ConfigurationError as exc:
         checks.append(Check("pg_cron", False, "not in shared_preload_libraries", str(exc)))
         return None
     try:
@@ -347,17 +348,17 @@ def _check_schema(conn: Conn, checks: list[Check]) -> bool:
     return True
 
 
-def _check_jobs(conn: Conn, settings: Settings, setup: migrations.CronSetup, checks: list[Check]) -> None:
-    jobs = migrations.wanted_jobs(conn)
+def _check_jobs(conn: Conn, settings: Settings, setup: cron.CronSetup, checks: list[Check]) -> None:
+    jobs = cron.wanted_jobs(conn)
     names = [setup.jobname(j.name) for j in jobs]
-    with migrations.connect(migrations.cron_conninfo(settings.dsn, setup)) as cron:
+    with cron.connect(cron.cron_conninfo(settings.dsn, setup)) as cron_db:
         found = {
             str(name): (str(schedule), bool(active), str(database))
-            for name, schedule, active, database in cron.execute(
+            for name, schedule, active, database in cron_db.execute(
                 "SELECT jobname, schedule, active, database FROM cron.job WHERE jobname = ANY(%s)", (names,)
             )
         }
-        failed = cron.execute(
+        failed = cron_db.execute(
             """SELECT DISTINCT ON (j.jobname) j.jobname, d.status, d.return_message
                FROM cron.job j JOIN cron.job_run_details d ON d.jobid = j.jobid
                WHERE j.jobname = ANY(%s) AND d.status IN ('succeeded', 'failed')
