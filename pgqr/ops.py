@@ -97,14 +97,16 @@ def describe_binding(binding: dict[str, Any] | None) -> str:
 def format_status(doc: dict[str, Any]) -> str:
     """The status document as a table for humans, with a summary line of listeners, ticks, jobs, alerts."""
     now = datetime.fromisoformat(doc["now"])
-    header = ("INSTANCE", "STATUS", "QR AGE", "LAST ATTEMPT", "OUTCOME", "FAILURES", "NEXT ATTEMPT", "LEASE")
+    header = ("INSTANCE", "STATUS", "QR AGE", "QR EXPIRES", "LAST ATTEMPT", "OUTCOME", "FAILURES", "NEXT ATTEMPT",
+              "LEASE")
     rows = [header]
     for i in doc["instances"]:
         outcome = i["last_outcome"] or "-"
         if i["last_error_class"]:
             outcome += f" ({i['last_error_class']})"
         rows.append((
-            i["instance_name"], i["status"], _age(i["qr_age_seconds"]), _relative(now, i["last_attempt_at"]),
+            i["instance_name"], i["status"], _age(i["qr_age_seconds"]),
+            _relative(now, i["qr_expires_at"]) if i["waiting"] else "-", _relative(now, i["last_attempt_at"]),
             outcome, str(i["consecutive_failures"]), _relative(now, i["next_attempt_at"]),
             i["lease_owner"] or "-",
         ))
@@ -120,6 +122,12 @@ def format_status(doc: dict[str, Any]) -> str:
         f"listeners: {len(live)} live · last tick: {_relative(now, doc['last_tick_at'])} · "
         f"jobs: {len(active)}/{len(doc['jobs'])} active · alerts firing: {alerts}"
     )
+    fresh = doc.get("freshness") or {}
+    if fresh.get("waiting"):
+        expired = f"; the oldest expired {_age(fresh['oldest_expired_seconds'])} ago" \
+            if fresh["oldest_expired_seconds"] else ""
+        lines.append(f"freshness: {fresh['qr_valid']} of {fresh['waiting']} waiting instance(s) hold a QR within its "
+                     f"estimated life{expired}")
     lines.append(f"binding: {describe_binding(doc.get('binding'))}")
     return "\n".join(lines)
 
