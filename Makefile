@@ -25,13 +25,14 @@ lint: venv
 	$(BIN)/ruff check pgqr tests
 	$(BIN)/mypy pgqr
 
-# PostgreSQL 15 + pg_cron 1.4 from Debian (the unprivileged `postgres` account comes with it).
+# PostgreSQL 15 + pg_cron 1.4 from Debian (the unprivileged `postgres` account comes with it), and Debian's
+# chromium for the live page's browser tests (Playwright drives it; `playwright install` is never run).
 system:
-	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -f $(PG_LIB)/pg_cron.so ] \
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -f $(PG_LIB)/pg_cron.so ] || [ ! -x /usr/bin/chromium ] \
 	    || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
-	  echo "installing postgresql-15 postgresql-15-cron python3-venv"; \
+	  echo "installing postgresql-15 postgresql-15-cron python3-venv chromium"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    postgresql-15 postgresql-15-cron python3-venv >/dev/null; \
+	    postgresql-15 postgresql-15-cron python3-venv chromium >/dev/null; \
 	fi
 
 venv: $(VENV)/.installed
