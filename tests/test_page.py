@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -26,6 +27,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from service_fixtures import Env, running_service, settled, wait_until
 
 from pgqr import links, migrations
+from pgqr.page import read_events
 from pgqr.service import Service
 from pgqr.settings import Secret, Settings
 
@@ -99,26 +101,21 @@ class Stream:
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
-        self.raw = b""
+        self.raw = b""  # every byte received, for what must never be in it
+        self.events = read_events(self._lines())
+
+    async def _lines(self) -> AsyncIterator[bytes]:
+        async for line in self.response.content:
+            self.raw += line
+            yield line
 
     async def next_state(self, timeout: float = 10.0) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
-            event, data = "message", b""
-            while True:
-                line = await self.response.content.readline()
-                if not line:
-                    raise AssertionError("the stream ended")
-                self.raw += line
-                line = line.rstrip(b"\n")
-                if line.startswith(b"event: "):
-                    event = line[7:].decode()
-                elif line.startswith(b"data: "):
-                    data = line[6:]
-                elif not line and data:
-                    if event == "state":
-                        state: dict[str, Any] = json.loads(data)
-                        return state
-                    event, data = "message", b""
+            async for event, data in self.events:
+                if event == "state":
+                    state: dict[str, Any] = json.loads(data)
+                    return state
+        raise AssertionError("the stream ended")
 
     async def until(self, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
@@ -353,6 +350,16 @@ async def test_an_expired_link_gets_403(env: Env, sidecar: Service) -> None:
     assert (await get(f"{base_events}/events?{query}"))[0] == 403
 
 
+async def test_a_stream_ends_when_its_link_expires(env: Env, sidecar: Service) -> None:
+    key = await waiting_with_qr(env, sidecar, "shop")
+    async with aiohttp.ClientSession() as http:
+        stream = await open_stream(http, link(sidecar, key, ttl=2))
+        assert (await stream.next_state())["state"] == "qr"  # the positive control
+        with pytest.raises(AssertionError, match="the stream ended"):
+            await stream.next_state(timeout=15)
+    assert b"event: expired" in stream.raw
+
+
 async def test_one_instances_link_never_opens_another(env: Env, sidecar: Service) -> None:
     mine = await waiting_with_qr(env, sidecar, "mine")
     theirs = await waiting_with_qr(env, sidecar, "theirs")
@@ -434,3 +441,11 @@ def test_pgqr_link_needs_a_public_url_and_a_secret(quiet: Any) -> None:
     short = run_pgqr("link", "shop", env={"DATABASE_URL": quiet.dsn, "PGQR_PUBLIC_URL": "https://x.example",
                                           "PGQR_LINK_SECRET": "short"})
     assert short.returncode == 2 and "at least 16" in short.stderr and "short" not in short.stderr.split(":", 1)[0]
+
+
+def test_the_demo_prints_a_live_page_link_for_each_instance() -> None:
+    result = run_pgqr("demo", "--duration", "3", "--scan-after", "60", timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ("acme-store", "bakery-hq", "clinic-front", "ghost-shop"):
+        assert re.search(rf"^  {name}  http://127\.0\.0\.1:\d+/instances/[0-9a-f-]+\?exp=\d+&sig=[\w-]{{43}}$",
+                         result.stdout, re.MULTILINE), name
