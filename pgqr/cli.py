@@ -203,6 +203,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def cmd_link(args: argparse.Namespace) -> int:
+    from . import links
+
+    settings = load(args)
+    ttl = links.parse_ttl(args.ttl)
+    if not settings.public_url or not settings.link_secret:
+        raise ConfigError("pgqr link needs PGQR_PUBLIC_URL (where people reach the sidecar) and PGQR_LINK_SECRET "
+                          "(the sidecar's, so it accepts the link)")
+    with psycopg.connect(settings.dsn, autocommit=True, prepare_threshold=None) as conn:
+        rows = conn.execute("SELECT key, url, waiting FROM pgqr.find_instances(%s) ORDER BY key",
+                            (args.name,)).fetchall()
+    if args.key is not None:
+        rows = [r for r in rows if r[0] == args.key]
+    if not rows:
+        print(f"pgqr: no instance named {args.name!r}" + (f" with key {args.key!r}" if args.key else ""),
+              file=sys.stderr)
+        return 1
+    if len(rows) > 1:
+        print(f"pgqr: {len(rows)} rows are named {args.name!r}; pick one with --key:", file=sys.stderr)
+        for key, url, waiting in rows:
+            print(f"  --key {key}\t{url or '(default Evolution URL)'}\t{'waiting' if waiting else 'not waiting'}",
+                  file=sys.stderr)
+        return 2
+    print(links.make_link(settings.public_url, settings.link_secret.reveal(), rows[0][0], ttl))
+    return 0
+
+
 def _command(sub: Any, name: str, func: Command, help: str, *, settings: str | None = None,
              **kwargs: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help, **kwargs)
@@ -254,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "simulate", cmd_simulate, "an Evolution API simulator on loopback (`pgqr simulate --help`)",
                  add_help=False, prefix_chars="\0")
     p.add_argument("simulate_args", nargs=argparse.REMAINDER)
+    p = _command(sub, "link", cmd_link, "print a signed, expiring link to one instance's live QR page (served by "
+                 "`pgqr run` with PGQR_HTTP_PORT and PGQR_LINK_SECRET)", settings="link")
+    p.add_argument("name", help="the instance name")
+    p.add_argument("--ttl", default="15m", help="how long the link works, like 15m, 2h, 1d (default: 15m)")
+    p.add_argument("--key", default=None, help="the row's key, when several rows share the name")
     p = _command(sub, "demo", cmd_demo, "throwaway PostgreSQL + pg_cron + simulator + listener, live")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--scan-after", type=float, default=20.0, help="seconds before one instance gets scanned")

@@ -194,6 +194,38 @@ async def find_instances(pool: Pool, name: str) -> list[Instance]:
     return rows
 
 
+@dataclass(frozen=True)
+class PageState:
+    """What the live page of one instance shows (pgqr/page.py turns it into words). Never holds a token."""
+
+    key: str
+    name: str
+    status: str | None
+    waiting: bool
+    connected: bool                 # the app's status is the binding's connected value
+    qr: str | None = field(repr=False)
+    pairing_code: str | None = field(repr=False)
+    has_phone: bool
+    qr_expires_at: datetime | None
+    last_outcome: str | None
+    last_error_class: str | None
+
+
+async def page_states(pool: Pool, keys: list[str]) -> list[PageState]:
+    """The page's view of these instances, one statement for all of them (the QR from the app's bound column, or
+    pgqr's own copy when the binding has none)."""
+    rows: list[PageState] = await pool.rows(PageState, """
+        SELECT a.key, a.name, a.status, coalesce(a.waiting, false) AS waiting,
+               coalesce(a.status = b.connected_value, false) AS connected,
+               coalesce(a.qr, s.qr) AS qr, coalesce(a.pairing_code, s.pairing_code) AS pairing_code,
+               a.phone IS NOT NULL AND a.phone <> '' AS has_phone, s.qr_expires_at,
+               s.last_outcome::text AS last_outcome, s.last_error_class
+        FROM pgqr.app_rows(%s::text[]) a
+        CROSS JOIN pgqr.binding b
+        LEFT JOIN pgqr.instance_state s ON s.key = a.key""", (keys,))
+    return rows
+
+
 async def heartbeat(pool: Pool, owner: str, host: str, pid: int, version: str, listen_ok: bool) -> None:
     async with pool.connection() as conn:
         await conn.execute("SELECT pgqr.heartbeat(%s, %s, %s, %s, %s)", (owner, host, pid, version, listen_ok))

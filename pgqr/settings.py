@@ -132,6 +132,13 @@ def public_url(name: str, raw: str) -> str:
     return check_url(raw, name).rstrip("/")
 
 
+def link_secret(name: str, raw: str) -> Secret:
+    """A key for signing links: long enough that guessing it is hopeless. The message never echoes it."""
+    if len(raw) < 16:
+        raise ConfigError(f"{name} must be at least 16 characters (e.g. openssl rand -hex 16)")
+    return Secret(raw)
+
+
 def words(name: str, raw: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in raw.split(",") if v.strip())
     if not values:
@@ -203,6 +210,14 @@ OPTIONS: tuple[Option, ...] = (
            "authenticates Evolution's webhooks (path or X-Pgqr-Token header)", ("run", "webhooks"), flag=False),
     Option("alert_webhook_url", "PGQR_ALERT_WEBHOOK_URL", url, None,
            "where alert transitions are POSTed (JSON)", ("run",), flag=False),
+    # the live QR page (pgqr link, /instances/{key} on the sidecar)
+    Option("public_url", "PGQR_PUBLIC_URL", public_url, None,
+           "the sidecar's address as a person's browser reaches it; `pgqr link` starts its URLs with it", ("link",)),
+    Option("link_secret", "PGQR_LINK_SECRET", link_secret, None,
+           "signs the live page's links; the page is off while unset; changing it revokes every link",
+           ("run", "link"), flag=False),
+    Option("link_secret_previous", "PGQR_LINK_SECRET_PREVIOUS", link_secret, None,
+           "the link secret before a rotation: its links keep working until this is unset", ("run",), flag=False),
     # the binding: which table and columns are the app's instances (pgqr migrate / pgqr bind)
     Option("table", "PGQR_TABLE", text, "public.evolution_instances", "the app's instances table", BINDING),
     Option("key_column", "PGQR_KEY_COLUMN", column, None,
@@ -250,6 +265,9 @@ class Settings:
     http_port: int | None = None
     webhook_secret: Secret | None = None
     alert_webhook_url: Secret | None = None
+    public_url: str | None = None
+    link_secret: Secret | None = None
+    link_secret_previous: Secret | None = None
     table: str = "public.evolution_instances"
     key_column: str | None = None
     name_column: str = "instance_name"

@@ -159,7 +159,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 class RedactingAccessLogger(AbstractAccessLogger):
     """The access log names the route, never the raw path of anything under /webhook (it may carry a secret,
-    whatever its case, dot-segments or encoding)."""
+    whatever its case, dot-segments or encoding), never the query string of a live-page link (its signature)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         info = getattr(request, "match_info", None)  # a request that never reached the router has none
@@ -168,6 +168,8 @@ class RedactingAccessLogger(AbstractAccessLogger):
         path = request.path if route is None or "{" not in route else route
         if "webhook" in request.raw_path.lower() or "webhook" in path.lower():
             path = route if route and "webhook" in route else "/webhooks/…"
+        if path.startswith("/instances"):  # a live-page link's signature is its query string: never logged
+            path = path.partition("?")[0]
         self.logger.info("%s %s %s", request.method, path, response.status,
                          extra={"action": "http", "method": request.method, "path": path,
                                 "status": response.status, "ms": round(time * 1000, 1)})
