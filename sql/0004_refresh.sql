@@ -154,8 +154,9 @@ $$;
 --     hands it in again; an app row no longer in a waiting status is never written (the state guard).
 --   * A QR image is written only when it changed, and never over one stored after the poll started.
 --   * A webhook that repeats the Evolution state pgqr already holds writes nothing at all.
---   * Every poll and every webhook that changed something appends one refresh_log row; a new QR, a connect
---     and a give-up send NOTIFY pgqr_qr_updated with the key and what happened (never a token, never the QR).
+--   * Every poll and every webhook that changed something appends one refresh_log row; a new QR, a connect,
+--     a give-up and a first failure send NOTIFY pgqr_qr_updated with the key and what happened (never a token,
+--     never the QR).
 CREATE FUNCTION pgqr.record_results(writer text, results jsonb)
 RETURNS TABLE (key text, applied boolean, busy boolean, qr_updated boolean, outcome pgqr.outcome)
 LANGUAGE plpgsql AS $$
@@ -171,6 +172,7 @@ DECLARE
     cap     integer := pgqr.setting('max_calls_per_minute')::integer;
     writes  pgqr.app_write[];
     changed text[];
+    failing text[];
 BEGIN
     SELECT * INTO b FROM pgqr.binding;
     -- one result per key (the last one wins), and webhook repeats dropped before anything is locked
@@ -258,7 +260,8 @@ BEGIN
                                 WHEN x.outcome IN ('connected', 'gave_up') THEN NULL ELSE s.pairing_code END
           FROM planned x
          WHERE s.key = x.key
-        RETURNING s.name AS instance_name, s.waiting AS still_waiting, s.qr_expires_at AS expires_at, x.*
+        RETURNING s.name AS instance_name, s.waiting AS still_waiting, s.qr_expires_at AS expires_at,
+                  s.consecutive_failures AS failures, x.*
     ), logged AS (
         INSERT INTO pgqr.refresh_log (instance_key, instance_name, source, outcome, applied, qr_updated,
                                       http_status, latency_ms, error_class, owner)
@@ -270,8 +273,9 @@ BEGIN
     SELECT array_agg(ROW(u.key, CASE WHEN u.changed THEN 'qr' ELSE u.outcome::text END,
                          u.qr, u.pairing_code, now(), u.expires_at)::pgqr.app_write)
              FILTER (WHERE u.still_waiting AND (u.changed OR u.outcome IN ('connected', 'gave_up'))),
-           array_agg(u.key) FILTER (WHERE u.changed)
-      INTO writes, changed
+           array_agg(u.key) FILTER (WHERE u.changed),
+           array_agg(u.key) FILTER (WHERE u.outcome = 'failed' AND u.failures = 1 AND u.still_waiting)
+      INTO writes, changed, failing
       FROM upd u;
 
     IF cardinality(writes) > 0 THEN
@@ -280,6 +284,10 @@ BEGIN
                     'key', left(w.key, 200), 'event', w.kind, 'expires_at', w.qr_expires_at)::text)
            FROM unnest(writes) w;
     END IF;
+
+    -- a first failure is news for whoever shows this instance (the live page); later ones are not
+    PERFORM pg_notify('pgqr_qr_updated', json_build_object('key', left(k, 200), 'event', 'failed')::text)
+       FROM unnest(failing) k;
 
     -- polls whose lease is gone (another replica took over) are logged as not applied
     INSERT INTO pgqr.refresh_log (instance_key, instance_name, source, outcome, applied, qr_updated, http_status,
