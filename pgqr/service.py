@@ -19,7 +19,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import __version__, db, web
+from . import __version__, db, tokens, web
 from .alerts import AlertForwarder
 from .engine import Engine, InstanceResult
 from .evolution import EvolutionClient
@@ -99,7 +99,9 @@ class Service:
         return web.make_app(web.Deps(
             record=lambda results: db.record_results(self.pool, self.owner, results),
             find=lambda name: db.find_instances(self.pool, name),
-            readiness=self.readiness, notes=self.notes, metrics=self.metrics, secret=self.settings.webhook_secret,
+            readiness=self.readiness, notes=self.notes, metrics=self.metrics,
+            auth=tokens.WebhookAuth(self.settings.webhook_secret, self.settings.evolution_api_key,
+                                    self.settings.webhook_jwt_key),
             default_evolution_url=reveal(self.settings.evolution_api_url)))
 
     # -- the loops ----------------------------------------------------------------------------------------

@@ -132,6 +132,15 @@ def public_url(name: str, raw: str) -> str:
     return check_url(raw, name).rstrip("/")
 
 
+def boolean(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 def words(name: str, raw: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in raw.split(",") if v.strip())
     if not values:
@@ -200,7 +209,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("http_port", "PGQR_HTTP_PORT", port, None, "port for health, metrics and webhooks (off when unset)",
            ("run",)),
     Option("webhook_secret", "PGQR_WEBHOOK_SECRET", secret, None,
-           "authenticates Evolution's webhooks (path or X-Pgqr-Token header)", ("run", "webhooks"), flag=False),
+           "authenticates Evolution's webhooks (path or X-Pgqr-Token header; per-instance tokens derive from it)",
+           ("run", "webhooks", "doctor"), flag=False),
+    Option("webhook_jwt_key", "PGQR_WEBHOOK_JWT_KEY", secret, None,
+           "when set, every webhook must carry Evolution's HS256 `Authorization: Bearer` JWT signed with it "
+           "(`webhooks register` sets it as the webhook's jwt_key; the global webhook cannot send one)",
+           ("run", "webhooks", "doctor"), flag=False),
+    Option("public_url", "PGQR_PUBLIC_URL", public_url, None,
+           "the sidecar's base URL as Evolution reaches it; `webhooks register` points webhooks at "
+           "<it>/webhooks/evolution", ("webhooks", "doctor")),
+    Option("global_webhook", "PGQR_GLOBAL_WEBHOOK", boolean, False,
+           "Evolution's global webhook (WEBHOOK_GLOBAL_URL) points at pgqr: doctor does not look for "
+           "per-instance webhooks", ("doctor",), flag=False),
     Option("alert_webhook_url", "PGQR_ALERT_WEBHOOK_URL", url, None,
            "where alert transitions are POSTed (JSON)", ("run",), flag=False),
     # the binding: which table and columns are the app's instances (pgqr migrate / pgqr bind)
@@ -249,6 +269,9 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     webhook_secret: Secret | None = None
+    webhook_jwt_key: Secret | None = None
+    public_url: str | None = None
+    global_webhook: bool = False
     alert_webhook_url: Secret | None = None
     table: str = "public.evolution_instances"
     key_column: str | None = None
