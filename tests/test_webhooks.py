@@ -15,6 +15,7 @@ import aiohttp
 import jwt
 import psycopg
 import pytest
+from conftest import run_pgqr
 from service_fixtures import Env, notifications, running_service, settled, wait_until
 
 from pgqr import tokens
@@ -210,6 +211,21 @@ async def test_a_header_form_by_events_webhook_with_the_derived_token_is_recorde
     assert delivery.url == header_url(hooked, "/qrcode-updated") and delivery.status == 200
     await wait_until(lambda: qr_of(env, "shop") == delivery.body["data"]["qrcode"]["base64"], 5, "the QR")
     assert qr_of(env, "shop") != old and env.log("shop")[-1]["source"] == "webhook"
+
+
+async def test_a_webhook_set_by_pgqr_webhooks_register_delivers_with_its_header(env: Env, hooked: Service) -> None:
+    env.sim.config.global_webhook_url = None
+    env.add("shop")
+    old = await first_qr(env, "shop", webhook=False)
+    result = await asyncio.to_thread(run_pgqr, "webhooks", "register", "--instance", "shop", env={
+        "DATABASE_URL": env.db.dsn, "EVOLUTION_API_URL": env.sim.base_url, "PGQR_WEBHOOK_SECRET": SECRET,
+        "PGQR_PUBLIC_URL": f"http://127.0.0.1:{hooked.http_port}"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    env.sim.rotate("shop")
+    [delivery] = await env.sim.wait_for_webhooks(qr_hook("shop"), timeout=5)
+    assert delivery.url == header_url(hooked) and delivery.status == 200
+    assert delivery.headers[tokens.HEADER] == tokens.derive(SECRET, "shop")
+    await wait_until(lambda: qr_of(env, "shop") == delivery.body["data"]["qrcode"]["base64"] != old, 5, "the QR")
 
 
 async def test_an_open_connection_update_marks_connected_clears_the_qr_and_notifies(
