@@ -156,6 +156,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+def cmd_webhooks_register(args: argparse.Namespace) -> int:
+    from . import hooks
+
+    results, url = hooks.register(load(args), None if args.all else args.instance, args.dry_run)
+    if not results:
+        print(f"pgqr: no instance named {args.instance!r} in the app's table" if args.instance
+              else "no instances in the app's table")
+        return 1 if args.instance else 0
+    for result in results:
+        print(result.line())
+    failed = sum(not r.ok for r in results)
+    verb = "would point" if args.dry_run else "point"
+    print(f"{len(results)} instance(s): {len(results) - failed} {verb} at {url}, {failed} failed")
+    return 1 if failed else 0
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
     from . import ops
 
@@ -228,6 +244,8 @@ def cmd_link(args: argparse.Namespace) -> int:
         return 2
     print(links.make_link(settings.public_url, settings.link_secret.reveal(), rows[0][0], ttl))
     return 0
+def _usage(args: argparse.Namespace) -> int:
+    raise ConfigError("name a subcommand (see --help)")
 
 
 def _command(sub: Any, name: str, func: Command, help: str, *, settings: str | None = None,
@@ -266,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON document (pgqr.status()) for machines")
     _command(sub, "doctor", cmd_doctor, "check the installation, each problem with its fix; 0 when all pass",
              settings="doctor")
+    p = _command(sub, "webhooks", _usage, "Evolution's per-instance webhooks pointed at pgqr")
+    hooks_sub = p.add_subparsers(dest="webhooks_command", required=True, metavar="SUBCOMMAND")
+    p = _command(hooks_sub, "register", cmd_webhooks_register,
+                 "point instances' webhooks at PGQR_PUBLIC_URL/webhooks/evolution with their X-Pgqr-Token "
+                 "(QRCODE_UPDATED, CONNECTION_UPDATE); status 1 when any failed", settings="webhooks")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--instance", metavar="NAME", help="this instance only")
+    which.add_argument("--all", action="store_true", help="every instance in the app's table")
+    p.add_argument("--dry-run", action="store_true", help="read each webhook and say what would change; set nothing")
     p = _command(sub, "schedule", cmd_schedule, "change the tick period (sub-minute needs pg_cron 1.5+)",
                  settings="schedule")
     p.add_argument("--every", required=True, metavar="INTERVAL", help="like '1 minute', '5m', '30s', '1 hour'")

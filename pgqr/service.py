@@ -19,7 +19,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import __version__, db, page, web
+from . import __version__, db, page, tokens, web
 from .alerts import AlertForwarder
 from .engine import Engine, InstanceResult
 from .evolution import EvolutionClient
@@ -106,7 +106,9 @@ class Service:
         app = web.make_app(web.Deps(
             record=lambda results: db.record_results(self.pool, self.owner, results),
             find=lambda name: db.find_instances(self.pool, name),
-            readiness=self.readiness, notes=self.notes, metrics=self.metrics, secret=self.settings.webhook_secret,
+            readiness=self.readiness, notes=self.notes, metrics=self.metrics,
+            auth=tokens.WebhookAuth(self.settings.webhook_secret, self.settings.evolution_api_key,
+                                    self.settings.webhook_jwt_key),
             default_evolution_url=reveal(self.settings.evolution_api_url)))
         if self.page is not None:
             secrets = [s.reveal() for s in (self.settings.link_secret, self.settings.link_secret_previous) if s]

@@ -137,6 +137,13 @@ def link_secret(name: str, raw: str) -> Secret:
     if len(raw) < 16:
         raise ConfigError(f"{name} must be at least 16 characters (e.g. openssl rand -hex 16)")
     return Secret(raw)
+def boolean(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
 def words(name: str, raw: str) -> tuple[str, ...]:
@@ -207,12 +214,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("http_port", "PGQR_HTTP_PORT", port, None, "port for health, metrics and webhooks (off when unset)",
            ("run",)),
     Option("webhook_secret", "PGQR_WEBHOOK_SECRET", secret, None,
-           "authenticates Evolution's webhooks (path or X-Pgqr-Token header)", ("run", "webhooks"), flag=False),
+           "authenticates Evolution's webhooks (path or X-Pgqr-Token header; per-instance tokens derive from it)",
+           ("run", "webhooks", "doctor"), flag=False),
+    Option("webhook_jwt_key", "PGQR_WEBHOOK_JWT_KEY", secret, None,
+           "when set, every webhook must carry Evolution's HS256 `Authorization: Bearer` JWT signed with it "
+           "(`webhooks register` sets it as the webhook's jwt_key; the global webhook cannot send one)",
+           ("run", "webhooks", "doctor"), flag=False),
+    Option("public_url", "PGQR_PUBLIC_URL", public_url, None,
+           "the sidecar's base URL as Evolution and people's browsers reach it: `webhooks register` points "
+           "webhooks at <it>/webhooks/evolution, `pgqr link` starts its URLs with it", ("webhooks", "doctor", "link")),
+    Option("global_webhook", "PGQR_GLOBAL_WEBHOOK", boolean, False,
+           "Evolution's global webhook (WEBHOOK_GLOBAL_URL) points at pgqr: doctor does not look for "
+           "per-instance webhooks", ("doctor",), flag=False),
     Option("alert_webhook_url", "PGQR_ALERT_WEBHOOK_URL", url, None,
            "where alert transitions are POSTed (JSON)", ("run",), flag=False),
     # the live QR page (pgqr link, /instances/{key} on the sidecar)
-    Option("public_url", "PGQR_PUBLIC_URL", public_url, None,
-           "the sidecar's address as a person's browser reaches it; `pgqr link` starts its URLs with it", ("link",)),
     Option("link_secret", "PGQR_LINK_SECRET", link_secret, None,
            "signs the live page's links; the page is off while unset; changing it revokes every link",
            ("run", "link"), flag=False),
@@ -264,8 +280,10 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     webhook_secret: Secret | None = None
-    alert_webhook_url: Secret | None = None
+    webhook_jwt_key: Secret | None = None
     public_url: str | None = None
+    global_webhook: bool = False
+    alert_webhook_url: Secret | None = None
     link_secret: Secret | None = None
     link_secret_previous: Secret | None = None
     table: str = "public.evolution_instances"
