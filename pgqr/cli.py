@@ -138,17 +138,17 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import status
 
-    doc = ops.status(load(args))
-    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else ops.format_status(doc))
+    doc = status.status(load(args))
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else status.format_status(doc))
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import doctor
 
-    checks = ops.doctor(load(args))
+    checks = doctor.doctor(load(args))
     for check in checks:
         print(check.line())
     failed = sum(not c.ok for c in checks)
@@ -173,33 +173,33 @@ def cmd_webhooks_register(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import control
 
-    expression = ops.schedule(load(args), args.every)
+    expression = control.schedule(load(args), args.every)
     print(f"pgqr-tick now runs on schedule '{expression}'")
     return 0
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import control
 
-    changed = ops.set_active(load(args), False)
+    changed = control.set_active(load(args), False)
     print(f"paused pgqr's pg_cron jobs ({changed} changed); `pgqr resume` starts them again")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import control
 
-    changed = ops.set_active(load(args), True)
+    changed = control.set_active(load(args), True)
     print(f"resumed pgqr's pg_cron jobs ({changed} changed)")
     return 0
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import control
 
-    for line in ops.uninstall(load(args), drop_data=args.drop_data):
+    for line in control.uninstall(load(args), drop_data=args.drop_data):
         print(line)
     return 0
 

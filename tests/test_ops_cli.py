@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator
-from datetime import timedelta
 
 import aiohttp
 import psycopg
@@ -15,8 +14,7 @@ from aiohttp import web
 from conftest import Database, run_pgqr
 from sim_fixtures import serve
 
-from pgqr import ops, tokens
-from pgqr.settings import ConfigError
+from pgqr import tokens
 from pgqr.simulator import Simulator
 
 TOKEN = "instance-token-" + "z" * 12
@@ -469,11 +467,12 @@ def test_uninstall_drop_data_drops_schema_and_trigger_but_never_instance_rows(mi
     assert migrated.value("SELECT count(*) FROM pgqr.instance_state") == 2
 
 
-def test_every_accepts_a_number_and_a_unit_only() -> None:
-    assert ops.parse_every("30s") == timedelta(seconds=30)
-    assert ops.parse_every(" 5 Minutes ") == timedelta(minutes=5)
-    assert ops.parse_every("2h") == timedelta(hours=2)
-    assert ops.parse_every("1 day") == timedelta(days=1)
-    for bad in ("0s", "5", "fortnight", "1.5 minutes", "-1m", "7 fortnights"):
-        with pytest.raises(ConfigError):
-            ops.parse_every(bad)
+def test_every_is_an_interval_postgresql_parses(quiet: Database) -> None:
+    for every, expression in (("5m", "*/5 * * * *"), (" 2 Hours ", "0 */2 * * *"), ("1 day", "0 0 * * *"),
+                              ("1 minute", "* * * * *")):
+        result = pgqr(quiet, "schedule", "--every", every)
+        assert (result.returncode, result.stdout.strip()) == (0, f"pgqr-tick now runs on schedule '{expression}'")
+    for bad in ("0s", "fortnight", "1.5 minutes", "-1m", "7 fortnights", "30s"):
+        result = pgqr(quiet, "schedule", f"--every={bad}")
+        assert result.returncode == 2 and result.stdout == "", (bad, result.stdout)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -19,11 +19,11 @@ import psycopg
 import pytest
 from aiohttp import web
 from conftest import Database, command_env
+from pgqr.config import Settings
 from service_fixtures import Env, running_service, settled, start_pgqr, wait_until
 from sim_fixtures import serve
 
 from pgqr import devdb, migrations
-from pgqr.config import Settings
 from pgqr.simulator import Simulator
 
 QUIET = {"fallback_seconds": 3600.0}  # so only the wake-up under test can explain a refresh

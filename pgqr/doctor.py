@@ -1,272 +1,21 @@
-"""What `pgqr status/doctor/schedule/pause/resume/uninstall` do. The SQL they run lives in sql/ as pgqr
-functions and views (a psql user can call the same ones); this module connects, calls them, and reaches
-pg_cron's own database where pg_cron lives elsewhere."""
+"""`pgqr doctor`: a list of typed checks, each a finding with its fix; all must pass for a healthy installation."""
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
 
 import psycopg
-from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 
 from . import cron, hooks, migrations
-from .errors import ConfigurationError, MigrationError
+from .admin import Conn, connect, cron_version, installed
+from .errors import ConfigurationError
 from .evolution import EvolutionClient, EvolutionState, Failure, display_url
 from .hooks import Target, names_text
-from .settings import ConfigError, Settings, first_line, reveal
-
-Conn = psycopg.Connection[tuple[Any, ...]]
-
-
-class NotInstalled(MigrationError):
-    """The database has no pgqr schema (exit status 1, with the fix)."""
-
-
-def _connect(settings: Settings) -> Conn:
-    return psycopg.connect(settings.dsn, autocommit=True, prepare_threshold=None)
-
-
-def _installed(conn: Conn) -> bool:
-    row = conn.execute("SELECT to_regclass('pgqr.jobs') IS NOT NULL").fetchone()
-    return bool(row and row[0])
-
-
-def _require_installed(conn: Conn) -> None:
-    if not _installed(conn):
-        raise NotInstalled(f"pgqr is not installed in database {conn.info.dbname}: run `pgqr migrate`")
-
-
-# ---------------------------------------------------------------------------------------------- status
-
-
-def status(settings: Settings) -> dict[str, Any]:
-    """pgqr.status(): instances (the health view), listeners, jobs, last tick, firing alerts."""
-    with _connect(settings) as conn:
-        _require_installed(conn)
-        row = conn.execute("SELECT pgqr.status() || jsonb_build_object('now', now())").fetchone()
-    assert row is not None
-    doc: dict[str, Any] = row[0]
-    return doc
-
-
-def _when(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(abs(seconds))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    return f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
-
-
-def _relative(now: datetime, value: str | None) -> str:
-    moment = _when(value)
-    if moment is None:
-        return "-"
-    delta = (moment - now).total_seconds()
-    return f"in {_age(delta)}" if delta > 0 else f"{_age(delta)} ago"
-
-
-def describe_binding(binding: dict[str, Any] | None) -> str:
-    """One line: the bound table, its key, name and status columns with their values, and the optional columns
-    that are bound."""
-    if not binding:
-        return "nothing bound (run `pgqr bind`)"
-    b = binding
-    parts = [f"key {b['key_column']}", f"name {b['name_column']}",
-             f"status {b['status_column']} (waiting {','.join(b['waiting_values'])}; connected "
-             f"{b['connected_value']}; gave up {b['gave_up_value'] or '-'})"]
-    parts += [f"{label} {b[attr]}" for label, attr in (
-        ("token", "token_column"), ("url", "url_column"), ("qr", "qr_column"), ("qr at", "qr_at_column"),
-        ("qr expires", "qr_expires_column"), ("pairing", "pairing_column"), ("phone", "phone_column"))
-        if b.get(attr)]
-    return f"{b['table_name']}: " + ", ".join(parts)
-
-
-def format_status(doc: dict[str, Any]) -> str:
-    """The status document as a table for humans, with a summary line of listeners, ticks, jobs, alerts."""
-    now = datetime.fromisoformat(doc["now"])
-    header = ("INSTANCE", "STATUS", "QR AGE", "QR EXPIRES", "LAST ATTEMPT", "OUTCOME", "FAILURES", "NEXT ATTEMPT",
-              "LEASE")
-    rows = [header]
-    for i in doc["instances"]:
-        outcome = i["last_outcome"] or "-"
-        if i["last_error_class"]:
-            outcome += f" ({i['last_error_class']})"
-        rows.append((
-            i["instance_name"], i["status"], _age(i["qr_age_seconds"]),
-            _relative(now, i["qr_expires_at"]) if i["waiting"] else "-", _relative(now, i["last_attempt_at"]),
-            outcome, str(i["consecutive_failures"]), _relative(now, i["next_attempt_at"]),
-            i["lease_owner"] or "-",
-        ))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    if not doc["instances"]:
-        lines.append("(no instances)")
-    live = [x for x in doc["listeners"] if x["live"]]
-    active = [j for j in doc["jobs"] if j["active"]]
-    alerts = ", ".join(f"{a['rule']} ({a['count']})" for a in doc["alerts_firing"]) or "none"
-    lines.append("")
-    lines.append(
-        f"listeners: {len(live)} live · last tick: {_relative(now, doc['last_tick_at'])} · "
-        f"jobs: {len(active)}/{len(doc['jobs'])} active · alerts firing: {alerts}"
-    )
-    fresh = doc.get("freshness") or {}
-    if fresh.get("waiting"):
-        expired = f"; the oldest expired {_age(fresh['oldest_expired_seconds'])} ago" \
-            if fresh["oldest_expired_seconds"] else ""
-        lines.append(f"freshness: {fresh['qr_valid']} of {fresh['waiting']} waiting instance(s) hold a QR within its "
-                     f"estimated life{expired}")
-    lines.append(f"binding: {describe_binding(doc.get('binding'))}")
-    return "\n".join(lines)
-
-
-# -------------------------------------------------------------------------------- schedule/pause/resume
-
-_EVERY = re.compile(
-    r"^\s*(\d+)\s*(s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days)\s*$",
-    re.IGNORECASE,
-)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_every(text: str) -> timedelta:
-    """'30s', '5 minutes', '1h', '1 day' -> timedelta; ConfigError for anything else."""
-    match = _EVERY.match(text)
-    if not match or int(match.group(1)) == 0:
-        raise ConfigError(
-            f"--every must be a positive number and a unit (seconds, minutes, hours, days), like '5 minutes' "
-            f"or '30s'; got {text!r}"
-        )
-    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)[0].lower()])
-
-
-def cron_version(dsn: str, setup: cron.CronSetup) -> str | None:
-    """pg_cron's extversion in its database ('1.4-1'), None when the extension is not created there."""
-    with cron.connect(cron.cron_conninfo(dsn, setup)) as cron_db:
-        row = cron_db.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'").fetchone()
-    return str(row[0]) if row else None
-
-
-def _resync(settings: Settings, conn: Conn, setup: cron.CronSetup) -> None:
-    """pgqr.jobs changed: apply it in pg_cron's database (pgqr.sync_cron() can only do that from there)."""
-    cron.schedule_jobs(settings.dsn, setup, cron.wanted_jobs(conn))
-
-
-def schedule(settings: Settings, every: str) -> str:
-    """Tick every `every`; returns the cron expression. ConfigError for a period pg_cron cannot run."""
-    period = parse_every(every)
-    with _connect(settings) as conn:
-        _require_installed(conn)
-        setup = cron.cron_setup(conn)
-        version = cron_version(settings.dsn, setup)
-        try:
-            row = conn.execute("SELECT pgqr.schedule(%s, %s)", (period, version)).fetchone()
-        except (errors.InvalidParameterValue, errors.FeatureNotSupported) as exc:
-            raise ConfigError(exc.diag.message_primary or str(exc)) from None
-        _resync(settings, conn, setup)
-    assert row is not None
-    return str(row[0])
-
-
-def set_active(settings: Settings, active: bool) -> int:
-    """pgqr.pause() / pgqr.resume(), then pg_cron; returns how many jobs changed state."""
-    with _connect(settings) as conn:
-        _require_installed(conn)
-        setup = cron.cron_setup(conn)
-        row = conn.execute("SELECT pgqr.resume()" if active else "SELECT pgqr.pause()").fetchone()
-        _resync(settings, conn, setup)
-    return int(row[0]) if row else 0
-
-
-# ------------------------------------------------------------------------------------------- uninstall
-
-def uninstall(settings: Settings, drop_data: bool) -> list[str]:
-    """Unschedule pgqr's jobs and remove its trigger from the app's table (the app's writes then behave as
-    before install); with drop_data also drop schema pgqr. Never touches the app's table or its rows.
-
-    The role pgqr_monitor stays when another database still uses it (roles are cluster-wide).
-    """
-    done: list[str] = []
-    with _connect(settings) as conn:
-        try:
-            with conn.transaction():
-                # a listener in mid-transaction would make us wait forever; fail with the fix instead (LOCAL: a
-                # pooler hands this connection to someone else afterwards)
-                conn.execute("SET LOCAL lock_timeout = '10s'")
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (cron.LOCK_KEY,))  # not while a migrate runs
-                done += _uninstall(settings, conn, drop_data)
-        except errors.LockNotAvailable:
-            raise MigrationError(
-                "pgqr's tables are in use: stop every `pgqr run`, then uninstall again") from None
-    return done
-
-
-def _uninstall(settings: Settings, conn: Conn, drop_data: bool) -> list[str]:
-    done: list[str] = []
-    installed = _installed(conn)
-    jobs = cron.wanted_jobs(conn) if installed else []
-    try:
-        setup: cron.CronSetup | None = cron.cron_setup(conn)
-    except ConfigurationError:
-        setup = None  # no pg_cron, so nothing scheduled
-    if setup is not None and jobs:
-        if drop_data:
-            _forget_history(settings.dsn, setup, jobs)
-        removed = cron.unschedule_jobs(settings.dsn, setup, jobs)
-        done.append(f"unscheduled {removed} pg_cron job(s) in database {setup.cron_database}")
-    table = None
-    if installed:
-        row = conn.execute("SELECT pgqr.qualified(to_regclass(table_name)) FROM pgqr.binding").fetchone()
-        table = row[0] if row else None
-    if table:
-        conn.execute(f"DROP TRIGGER IF EXISTS pgqr_instance_change ON {table}".encode())
-        done.append(f"removed pgqr's trigger from {table}; its rows are untouched")
-    if drop_data:
-        conn.execute("DROP SCHEMA IF EXISTS pgqr CASCADE")
-        done.append("dropped schema pgqr (state, history, settings)")
-        if _drop_monitor_role(conn):
-            done.append("dropped role pgqr_monitor")
-        elif conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'pgqr_monitor'").fetchone():
-            done.append("kept role pgqr_monitor: another database still grants it rights")
-    else:
-        done.append("kept schema pgqr and its data; `pgqr migrate` installs the trigger and jobs again, "
-                    "`--drop-data` removes everything")
-    return done
-
-
-def _drop_monitor_role(conn: Conn) -> bool:
-    """Drop pgqr_monitor unless another database still has objects or privileges for it."""
-    try:
-        with conn.transaction():
-            conn.execute("DROP ROLE IF EXISTS pgqr_monitor")
-        return True
-    except (errors.DependentObjectsStillExist, errors.InsufficientPrivilege):
-        return False
-
-
-def _forget_history(dsn: str, setup: cron.CronSetup, jobs: list[cron.Job]) -> None:
-    with psycopg.connect(cron.cron_conninfo(dsn, setup), autocommit=True) as cron_db:
-        for job in jobs:
-            cron_db.execute(
-                "DELETE FROM cron.job_run_details WHERE jobid IN "
-                "(SELECT jobid FROM cron.job WHERE jobname = %s AND database = %s)",
-                (setup.jobname(job.name), job.database(setup)),
-            )
-
-
-# ---------------------------------------------------------------------------------------------- doctor
+from .settings import Settings, first_line, reveal
+from .status import describe_binding
 
 
 @dataclass(frozen=True)
@@ -298,7 +47,7 @@ def doctor(settings: Settings) -> list[Check]:
                                 f"run `pgqr doctor` as a role that may (role {settings_user(settings)})"))
             return None
 
-    with _connect(settings) as conn:
+    with connect(settings) as conn:
         setup = guarded("pg_cron", lambda: _check_pg_cron(conn, settings, checks))
         installed = bool(guarded("schema", lambda: _check_schema(conn, checks)))
         if installed and isinstance(setup, cron.CronSetup):
@@ -345,7 +94,7 @@ def _check_pg_cron(conn: Conn, settings: Settings, checks: list[Check]) -> cron.
 
 
 def _check_schema(conn: Conn, checks: list[Check]) -> bool:
-    if not _installed(conn):
+    if not installed(conn):
         checks.append(Check("schema", False, f"pgqr is not installed in database {conn.info.dbname}",
                             "run `pgqr migrate`"))
         return False
