@@ -24,14 +24,22 @@ image-test:
 lint: venv
 	$(BIN)/ruff check pgqr tests
 	$(BIN)/mypy pgqr
+	$(BIN)/lint-imports
 
-# PostgreSQL 15 + pg_cron 1.4 from Debian (the unprivileged `postgres` account comes with it).
+# PostgreSQL 15 + pg_cron 1.4 from Debian (the unprivileged `postgres` account comes with it), Debian's chromium
+# for the live page's browser tests (Playwright drives it; `playwright install` is never run), and pgbouncer for
+# tests/test_pooler.py. The tests start their own pgbouncer on a free port: the packaged service is stopped and
+# disabled, so nothing listens on 6432 by default (where there is no systemd, invoke-rc.d's start may still run).
 system:
-	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -f $(PG_LIB)/pg_cron.so ] \
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -f $(PG_LIB)/pg_cron.so ] || [ ! -x /usr/sbin/pgbouncer ] \
+	    || [ ! -x /usr/bin/chromium ] \
 	    || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
-	  echo "installing postgresql-15 postgresql-15-cron python3-venv"; \
+	  echo "installing postgresql-15 postgresql-15-cron pgbouncer python3-venv chromium"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    postgresql-15 postgresql-15-cron python3-venv >/dev/null; \
+	    postgresql-15 postgresql-15-cron pgbouncer python3-venv chromium >/dev/null; \
+	  $(SUDO) service pgbouncer stop >/dev/null 2>&1 || true; \
+	  $(SUDO) update-rc.d pgbouncer disable >/dev/null 2>&1 || true; \
+	  $(SUDO) systemctl disable --now pgbouncer >/dev/null 2>&1 || true; \
 	fi
 
 venv: $(VENV)/.installed

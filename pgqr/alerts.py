@@ -27,6 +27,7 @@ import aiohttp
 import psycopg
 
 from . import db
+from .evolution import display_url
 
 __all__ = ["AlertForwarder", "safe_origin"]
 
@@ -38,15 +39,7 @@ RELEASE_SECONDS = 5.0
 
 def safe_origin(url: str) -> str:
     """scheme://host[:port] of `url`, without user info, path or query: safe to log."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or "?"
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<invalid url>"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}{port}"
+    return display_url(url, with_path=False)
 
 
 class AlertForwarder:

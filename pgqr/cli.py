@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from . import logs, migrations
+from .errors import ConfigurationError, MigrationError
 from .settings import ConfigError, Settings, add_flags, first_line, load, rejected_dsn
 
 Command = Callable[[argparse.Namespace], int]
@@ -137,17 +138,17 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import status
 
-    doc = ops.status(load(args))
-    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else ops.format_status(doc))
+    doc = status.status(load(args))
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else status.format_status(doc))
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import doctor
 
-    checks = ops.doctor(load(args))
+    checks = doctor.doctor(load(args))
     for check in checks:
         print(check.line())
     failed = sum(not c.ok for c in checks)
@@ -155,34 +156,50 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
-def cmd_schedule(args: argparse.Namespace) -> int:
-    from . import ops
+def cmd_webhooks_register(args: argparse.Namespace) -> int:
+    from . import hooks
 
-    expression = ops.schedule(load(args), args.every)
+    results, url = hooks.register(load(args), None if args.all else args.instance, args.dry_run)
+    if not results:
+        print(f"pgqr: no instance named {args.instance!r} in the app's table" if args.instance
+              else "no instances in the app's table")
+        return 1 if args.instance else 0
+    for result in results:
+        print(result.line())
+    failed = sum(not r.ok for r in results)
+    verb = "would point" if args.dry_run else "point"
+    print(f"{len(results)} instance(s): {len(results) - failed} {verb} at {url}, {failed} failed")
+    return 1 if failed else 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from . import control
+
+    expression = control.schedule(load(args), args.every)
     print(f"pgqr-tick now runs on schedule '{expression}'")
     return 0
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import control
 
-    changed = ops.set_active(load(args), False)
+    changed = control.set_active(load(args), False)
     print(f"paused pgqr's pg_cron jobs ({changed} changed); `pgqr resume` starts them again")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import control
 
-    changed = ops.set_active(load(args), True)
+    changed = control.set_active(load(args), True)
     print(f"resumed pgqr's pg_cron jobs ({changed} changed)")
     return 0
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from . import ops
+    from . import control
 
-    for line in ops.uninstall(load(args), drop_data=args.drop_data):
+    for line in control.uninstall(load(args), drop_data=args.drop_data):
         print(line)
     return 0
 
@@ -200,6 +217,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.main(args)
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    from . import links
+
+    settings = load(args)
+    ttl = links.parse_ttl(args.ttl)
+    if not settings.public_url or not settings.link_secret:
+        raise ConfigError("pgqr link needs PGQR_PUBLIC_URL (where people reach the sidecar) and PGQR_LINK_SECRET "
+                          "(the sidecar's, so it accepts the link)")
+    with psycopg.connect(settings.dsn, autocommit=True, prepare_threshold=None) as conn:
+        rows = conn.execute("SELECT key, url, waiting FROM pgqr.find_instances(%s) ORDER BY key",
+                            (args.name,)).fetchall()
+    if args.key is not None:
+        rows = [r for r in rows if r[0] == args.key]
+    if not rows:
+        print(f"pgqr: no instance named {args.name!r}" + (f" with key {args.key!r}" if args.key else ""),
+              file=sys.stderr)
+        return 1
+    if len(rows) > 1:
+        print(f"pgqr: {len(rows)} rows are named {args.name!r}; pick one with --key:", file=sys.stderr)
+        for key, url, waiting in rows:
+            print(f"  --key {key}\t{url or '(default Evolution URL)'}\t{'waiting' if waiting else 'not waiting'}",
+                  file=sys.stderr)
+        return 2
+    print(links.make_link(settings.public_url, settings.link_secret.reveal(), rows[0][0], ttl))
+    return 0
+def _usage(args: argparse.Namespace) -> int:
+    raise ConfigError("name a subcommand (see --help)")
 
 
 def _command(sub: Any, name: str, func: Command, help: str, *, settings: str | None = None,
@@ -238,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON document (pgqr.status()) for machines")
     _command(sub, "doctor", cmd_doctor, "check the installation, each problem with its fix; 0 when all pass",
              settings="doctor")
+    p = _command(sub, "webhooks", _usage, "Evolution's per-instance webhooks pointed at pgqr")
+    hooks_sub = p.add_subparsers(dest="webhooks_command", required=True, metavar="SUBCOMMAND")
+    p = _command(hooks_sub, "register", cmd_webhooks_register,
+                 "point instances' webhooks at PGQR_PUBLIC_URL/webhooks/evolution with their X-Pgqr-Token "
+                 "(QRCODE_UPDATED, CONNECTION_UPDATE); status 1 when any failed", settings="webhooks")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--instance", metavar="NAME", help="this instance only")
+    which.add_argument("--all", action="store_true", help="every instance in the app's table")
+    p.add_argument("--dry-run", action="store_true", help="read each webhook and say what would change; set nothing")
     p = _command(sub, "schedule", cmd_schedule, "change the tick period (sub-minute needs pg_cron 1.5+)",
                  settings="schedule")
     p.add_argument("--every", required=True, metavar="INTERVAL", help="like '1 minute', '5m', '30s', '1 hour'")
@@ -253,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "simulate", cmd_simulate, "an Evolution API simulator on loopback (`pgqr simulate --help`)",
                  add_help=False, prefix_chars="\0")
     p.add_argument("simulate_args", nargs=argparse.REMAINDER)
+    p = _command(sub, "link", cmd_link, "print a signed, expiring link to one instance's live QR page (served by "
+                 "`pgqr run` with PGQR_HTTP_PORT and PGQR_LINK_SECRET)", settings="link")
+    p.add_argument("name", help="the instance name")
+    p.add_argument("--ttl", default="15m", help="how long the link works, like 15m, 2h, 1d (default: 15m)")
+    p.add_argument("--key", default=None, help="the row's key, when several rows share the name")
     p = _command(sub, "demo", cmd_demo, "throwaway PostgreSQL + pg_cron + simulator + listener, live")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--scan-after", type=float, default=20.0, help="seconds before one instance gets scanned")
@@ -264,10 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except (ConfigError, migrations.ConfigurationError) as exc:
+    except (ConfigError, ConfigurationError) as exc:
         print(f"pgqr: {exc}", file=sys.stderr)
         return 2
-    except migrations.MigrationError as exc:
+    except MigrationError as exc:
         print(f"pgqr: {exc}", file=sys.stderr)
         return 1
     except psycopg.Error as exc:

@@ -2,7 +2,8 @@
 (pgqr.claim, pgqr.record_results, ...); this module knows the binding's canonical names, never the app's.
 
 Work connections assume nothing survives between statements, so they are safe through a transaction-mode
-pooler: autocommit, no server-side prepared statements, no session settings, no session advisory locks.
+pooler: autocommit, no server-side prepared statements, no session settings, no session advisory locks, no
+LISTEN (that is listener.py's own connection).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Pool:
         self._pool = AsyncConnectionPool(
             dsn, min_size=1, max_size=size, open=False, name=name, timeout=30.0,
             kwargs={"autocommit": True, "prepare_threshold": None, "application_name": name, **CONNECT_OPTIONS},
+            configure=_ignore_notifications,
         )
 
     async def open(self) -> None:
@@ -58,6 +60,16 @@ class Pool:
             cur = await conn.execute(sql, params)
             row = await cur.fetchone()
             return row[0] if row else None
+
+
+async def _ignore_notifications(conn: AsyncConn) -> None:
+    """Through a transaction pooler a work connection may be handed a server connection that another client
+    LISTENed on; psycopg would keep every such notification in an unbounded backlog. Drop them instead."""
+    conn.add_notify_handler(_drop)
+
+
+def _drop(notify: psycopg.Notify) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -130,10 +142,13 @@ def storable(*values: str | None) -> bool:
     return True
 
 
-async def claim(pool: Pool, owner: str, limit: int, lease_seconds: float) -> list[Claimed]:
-    """Lease up to `limit` due instances in one short autocommit statement; HTTP happens after it committed."""
+async def claim(pool: Pool, owner: str, limit: int, lease_seconds: float,
+                due_by: datetime | None = None) -> list[Claimed]:
+    """Lease up to `limit` instances due by `due_by` (default: now) in one short autocommit statement; HTTP
+    happens after it committed."""
     rows: list[Claimed] = await pool.rows(
-        Claimed, "SELECT * FROM pgqr.claim(%s, %s, make_interval(secs => %s))", (owner, limit, lease_seconds))
+        Claimed, "SELECT * FROM pgqr.claim(%s, %s, make_interval(secs => %s), coalesce(%s, now()))",
+        (owner, limit, lease_seconds, due_by))
     return rows
 
 
@@ -179,6 +194,38 @@ async def find_instances(pool: Pool, name: str) -> list[Instance]:
     return rows
 
 
+@dataclass(frozen=True)
+class PageState:
+    """What the live page of one instance shows (pgqr/page.py turns it into words). Never holds a token."""
+
+    key: str
+    name: str
+    status: str | None
+    waiting: bool
+    connected: bool                 # the app's status is the binding's connected value
+    qr: str | None = field(repr=False)
+    pairing_code: str | None = field(repr=False)
+    has_phone: bool
+    qr_expires_at: datetime | None
+    last_outcome: str | None
+    last_error_class: str | None
+
+
+async def page_states(pool: Pool, keys: list[str]) -> list[PageState]:
+    """The page's view of these instances, one statement for all of them (the QR from the app's bound column, or
+    pgqr's own copy when the binding has none)."""
+    rows: list[PageState] = await pool.rows(PageState, """
+        SELECT a.key, a.name, a.status, coalesce(a.waiting, false) AS waiting,
+               coalesce(a.status = b.connected_value, false) AS connected,
+               coalesce(a.qr, s.qr) AS qr, coalesce(a.pairing_code, s.pairing_code) AS pairing_code,
+               a.phone IS NOT NULL AND a.phone <> '' AS has_phone, s.qr_expires_at,
+               s.last_outcome::text AS last_outcome, s.last_error_class
+        FROM pgqr.app_rows(%s::text[]) a
+        CROSS JOIN pgqr.binding b
+        LEFT JOIN pgqr.instance_state s ON s.key = a.key""", (keys,))
+    return rows
+
+
 async def heartbeat(pool: Pool, owner: str, host: str, pid: int, version: str, listen_ok: bool) -> None:
     async with pool.connection() as conn:
         await conn.execute("SELECT pgqr.heartbeat(%s, %s, %s, %s, %s)", (owner, host, pid, version, listen_ok))
@@ -195,6 +242,12 @@ async def listener_stopped(pool: Pool, owner: str) -> None:
 
 async def notify(conn: AsyncConn, channel: str, payload: str) -> None:
     await conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+async def send_notify(pool: Pool, channel: str, payload: str) -> None:
+    """NOTIFY from a work connection: the listener's self-test and probe, sent the way a trigger's would be."""
+    async with pool.connection() as conn:
+        await notify(conn, channel, payload)
 
 
 # -- alert deliveries (pgqr.alert_deliveries, sql/0007) ------------------------------------------------

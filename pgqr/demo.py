@@ -16,7 +16,7 @@ import time
 
 import psycopg
 
-from . import devdb, logs, migrations
+from . import devdb, links, logs, migrations
 from .service import Service
 from .settings import Secret, Settings
 from .simulator import SimConfig, Simulator
@@ -25,6 +25,7 @@ from .simulator import SimConfig, Simulator
 INSTANCES = ["acme-store", "bakery-hq", "clinic-front"]
 MISSING = "ghost-shop"
 QR_TTL = 10.0  # faster than Evolution's 45 s, so rotations show within half a minute
+LINK_TTL = 3600  # the live pages' links work for an hour
 
 # What a psql user sees: the monitoring view, trimmed to what changes during the demo, and how many QR codes
 # pgqr has stored for each instance (the number goes up with each rotation).
@@ -64,8 +65,9 @@ async def _demo(dsn: str, duration: float | None, scan_after: float) -> int:
         setup.execute("UPDATE pgqr.settings SET value = %s WHERE key = 'qr_lifetime_seconds'", (str(QR_TTL),))
     tokens = {name: sim.add_instance(name) for name in INSTANCES}
     secret = secrets.token_urlsafe(16)
+    link_secret = secrets.token_urlsafe(24)  # the live QR pages' links (a new secret per demo)
     service = Service(Settings(database_url=Secret(dsn), evolution_api_url=Secret(base_url), http_port=0,
-                               webhook_secret=Secret(secret)))
+                               webhook_secret=Secret(secret), link_secret=Secret(link_secret)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -83,7 +85,13 @@ async def _demo(dsn: str, duration: float | None, scan_after: float) -> int:
                     "VALUES (%s, %s, 'connecting')", (name, token),
                 )
             print(f"pgqr demo: simulator at {base_url}; {len(INSTANCES) + 1} instances inserted as 'connecting'.")
-            await _show(conn, stop, duration, scan_after, sim)
+            public_url = f"http://127.0.0.1:{service.http_port}"  # the demo's PGQR_PUBLIC_URL
+            cur = await conn.execute("SELECT key, name FROM pgqr.app_instances ORDER BY name")
+            pages = "live QR pages (open one in a browser; `pgqr link NAME` makes these):\n" + "\n".join(
+                f"  {name}  {links.make_link(public_url, link_secret, str(key), LINK_TTL)}"
+                for key, name in await cur.fetchall())
+            print(f"pgqr demo: {pages}", flush=True)
+            await _show(conn, stop, duration, scan_after, sim, pages)
     finally:
         stop.set()
         await runner
@@ -92,7 +100,7 @@ async def _demo(dsn: str, duration: float | None, scan_after: float) -> int:
 
 
 async def _show(conn: psycopg.AsyncConnection[tuple[object, ...]], stop: asyncio.Event,
-                duration: float | None, scan_after: float, sim: Simulator) -> None:
+                duration: float | None, scan_after: float, sim: Simulator, pages: str) -> None:
     started = time.monotonic()
     scanned = False
     last: list[tuple[object, ...]] = []
@@ -109,7 +117,7 @@ async def _show(conn: psycopg.AsyncConnection[tuple[object, ...]], stop: asyncio
         rows = await cur.fetchall()
         if tty:
             print("\x1b[H\x1b[2J" + f"pgqr demo ({elapsed:.0f}s; Ctrl-C stops and removes everything)\n"
-                  + _render(rows), flush=True)
+                  + _render(rows) + "\n\n" + pages, flush=True)
         elif _without_ages(rows) != last:
             # not a terminal (a log, a pipe): print the table only when something besides the ages changed
             print(f"[{elapsed:.0f}s]\n{_render(rows)}", flush=True)
@@ -123,8 +131,8 @@ def _render(rows: list[tuple[object, ...]]) -> str:
         return "-" if value is None else f"{value}{unit}"
 
     cells = [HEADER] + [
-        (str(name), str(status), cell(number and f"#{number}"), cell(age, "s"), cell(valid, "s"), cell(source),
-         cell(outcome), cell(error), str(failures))
+        (str(name), str(status), cell(None if number is None else f"#{number}"), cell(age, "s"), cell(valid, "s"),
+         cell(source), cell(outcome), cell(error), str(failures))
         for name, status, number, age, valid, source, outcome, error, failures in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]

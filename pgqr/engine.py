@@ -135,7 +135,7 @@ class Engine:
         self._flushed = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._writing = False
-        self._lease_seconds = max(30.0, settings.http_timeout * 2 + 5)
+        self._lease_seconds = 30.0
 
     # -- the producer: claim for free slots ---------------------------------------------------------------
 
@@ -143,7 +143,7 @@ class Engine:
         """Keep every slot busy with due instances; between due times sleep until the earliest one, a wake-up
         (NOTIFY, a freed slot with work waiting, a write-back that moved due times) or the fallback timer."""
         self._start_flusher()
-        self._lease_seconds = max(await db.lease_seconds(self.pool), self.settings.http_timeout * 2 + 5)
+        self._lease_seconds = await self._lease()
         while not stopping():
             wake.clear()
             free = self.settings.concurrency - len(self.in_flight)
@@ -167,21 +167,23 @@ class Engine:
         summary = Summary()
         futures: list[asyncio.Future[InstanceResult]] = []
         due_by = await self.pool.value("SELECT now()")
-        lease = max(await db.lease_seconds(self.pool), self.settings.http_timeout * 2 + 5)
+        lease = await self._lease()
         while not stopping():
             free = self.settings.concurrency - len(self.in_flight)
             if free <= 0:
                 await self._wait_any(self._slot_freed, timeout=self.settings.http_timeout + 5)
                 continue
-            rows: list[db.Claimed] = await self.pool.rows(
-                db.Claimed, "SELECT * FROM pgqr.claim(%s, %s, make_interval(secs => %s), %s)",
-                (self.owner, free, lease, due_by))
+            rows = await db.claim(self.pool, self.owner, free, lease, due_by)
             if not rows:
                 break
             futures += [self._start(c) for c in rows]
         for fut in asyncio.as_completed(futures):
             summary.results.append(await fut)
         return summary
+
+    async def _lease(self) -> float:
+        """The lease_seconds setting, but always long enough for one call and its write-back."""
+        return max(await db.lease_seconds(self.pool), self.settings.http_timeout * 2 + 5)
 
     async def drain(self, grace: float) -> None:
         """Let calls in flight finish within `grace`, cancel the rest, then write back what came in."""

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from yarl import URL
@@ -41,6 +41,7 @@ __all__ = [
     "classify_connection_state_reply",
     "classify_fetch_instances_reply",
     "classify_webhook_reply",
+    "display_url",
 ]
 
 ErrorClass = Literal[
@@ -562,6 +563,21 @@ def _instance_url(base_url: str, route: str, name: str) -> str | Failure:
     if name in (".", ".."):
         return _fail("config", None, f"the instance name {name!r} cannot be sent in a URL path")
     return f"{base_url.rstrip('/')}/{route}/{quote(name, safe='')}"
+
+
+def display_url(url: str, *, with_path: bool = True) -> str:
+    """A URL as shown to people: scheme, host, port and (with_path) path, like `https://host/api`; never
+    user:password, query or fragment, which may hold credentials."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<invalid url>"
+    if ":" in host:
+        host = f"[{host}]"
+    path = parts.path.rstrip("/") if with_path else ""
+    return f"{parts.scheme}://{host}{port}{path}"
 
 
 def _network_detail(exc: aiohttp.ClientError) -> str:

@@ -1,19 +1,26 @@
 """LISTEN on a dedicated autocommit connection: dispatch notifications, prove they arrive, reconnect forever.
 
-At every (re)connect a NOTIFY round trip on the connection itself must come back within a couple of seconds.
-Through a transaction-mode pooler (PgBouncer, Supabase's port 6543) it does not: the LISTEN sits on a server
-connection the pooler hands to someone else. Then the listener says so once, in words, stays `degraded` (the
-service polls the database for due work instead, visibly) and tries again later. While idle, a probe proves
-the LISTEN still works.
+At every (re)connect a NOTIFY sent from *another* connection must come back within a couple of seconds, the
+way the app's triggers and pg_cron's tick reach us. Through a transaction-mode pooler (PgBouncer, Supabase's
+port 6543) it does not: the LISTEN sits on a server connection the pooler hands to someone else between
+statements, and a notification that arrives while we are not linked to it is dropped (or handed to another
+client). A NOTIFY sent on the listen connection itself would pass there by chance (the pooler tends to give a
+lone client the same server again, and a session's own notification is delivered before its statement ends),
+hence the other connection. Then the listener says so once, in words, stays `degraded` (the service polls the
+database for due work instead, visibly) and tries again later. While idle, a probe proves the LISTEN still works.
+
+Only the probe channel is LISTENed before the self-test passes, and it is UNLISTENed when it fails: the service's
+own channels never end up on a pooler's shared server connections, where other clients would receive them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import psycopg
 
@@ -51,14 +58,20 @@ class Backoff:
         self.attempt = 0
 
 
+Send = Callable[[str, str], Awaitable[None]]
+
+
 class Listener:
     """`handlers` maps a channel to a callback taking the payload; `on_connect` runs after every LISTEN (the
     service catches up then). `listening` is set while notifications are known to arrive; `degraded` is True
-    while a connection is up but does not deliver them."""
+    while a connection is up but does not deliver them. `send(channel, payload)` NOTIFYs over a connection other
+    than the listen one (the service's work pool); by default a short connection of its own to `dsn`."""
 
     def __init__(self, dsn: str, handlers: dict[str, Callable[[str], None]], on_connect: Callable[[], None],
-                 *, probe_seconds: float = 30.0, on_reconnect: Callable[[], None] = lambda: None) -> None:
+                 *, probe_seconds: float = 30.0, on_reconnect: Callable[[], None] = lambda: None,
+                 send: Send | None = None) -> None:
         self.dsn = dsn
+        self.send = send or self._send_on_own_connection
         self.handlers = handlers
         self.on_connect = on_connect
         self.on_reconnect = on_reconnect
@@ -75,12 +88,13 @@ class Listener:
                 async with await psycopg.AsyncConnection.connect(
                     self.dsn, autocommit=True, application_name="pgqr-listener", **db.CONNECT_OPTIONS,
                 ) as conn:
-                    for channel in (*self.handlers, PROBE_CHANNEL):
-                        await conn.execute(f"LISTEN {channel}")
+                    await conn.execute(f"LISTEN {PROBE_CHANNEL}")
                     backoff.reset()
                     if not await self._round_trip(conn, SELF_TEST_SECONDS):
                         await self._degrade(conn)
                         continue
+                    for channel in self.handlers:
+                        await conn.execute(f"LISTEN {channel}")
                     self.degraded = False
                     self.listening.set()
                     log.info("listening", extra={"action": "listen", "channels": ",".join(self.handlers)})
@@ -100,6 +114,10 @@ class Listener:
     async def _degrade(self, conn: db.AsyncConn) -> None:
         """Connected, but notifications do not come back: say why once, serve by polling, test again later."""
         self.listening.clear()
+        with contextlib.suppress(psycopg.Error):
+            # best effort: through a transaction pooler this reaches the server that took the LISTEN only when
+            # the pooler hands it to us again (it usually does, to a lone client)
+            await conn.execute("UNLISTEN *")
         if not self.degraded:
             log.error(POOLER_HINT, extra={"action": "listen_degraded"})
         self.degraded = True
@@ -118,12 +136,18 @@ class Listener:
         token = secrets.token_hex(8)
         self._probe_token = token
         self._probe_seen.clear()
-        await asyncio.wait_for(db.notify(conn, PROBE_CHANNEL, token), within + 5)
+        await asyncio.wait_for(self.send(PROBE_CHANNEL, token), within + 5)
         async for notify in conn.notifies(timeout=within):
             self._dispatch(notify)
             if self._probe_seen.is_set():
                 return True
         return self._probe_seen.is_set()
+
+    async def _send_on_own_connection(self, channel: str, payload: str) -> None:
+        async with await psycopg.AsyncConnection.connect(
+            self.dsn, autocommit=True, prepare_threshold=None, application_name="pgqr-probe", **db.CONNECT_OPTIONS,
+        ) as conn:
+            await db.notify(conn, channel, payload)
 
     def _dispatch(self, notify: psycopg.Notify) -> None:
         if notify.channel == PROBE_CHANNEL:

@@ -18,6 +18,9 @@ class Metrics:
         self.webhook_repeats = Counter("pgqr_webhook_repeats",
                                        "Webhooks that repeated the Evolution state pgqr holds (nothing written).",
                                        registry=r)
+        self.webhook_rejections = Counter("pgqr_webhook_rejections",
+                                          "Webhooks refused by reason (unauthorized, malformed, too large, unknown "
+                                          "instance); nothing was written.", ["reason"], registry=r)
         self.listening = Gauge("pgqr_listening", "1 while the LISTEN connection delivers notifications.", registry=r)
         self.listen_degraded = Gauge("pgqr_listen_degraded",
                                      "1 while the listen connection does not deliver notifications (a pooler).",

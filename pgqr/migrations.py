@@ -16,22 +16,22 @@ from pathlib import Path
 import pglast
 import psycopg
 from pglast import ast
-from psycopg.conninfo import make_conninfo
 
+from .cron import (
+    LOCK_KEY,
+    connect,
+    cron_setup,
+    ensure_extension,
+    missing_jobs,
+    schedule_jobs,
+    wanted_jobs,
+)
+from .errors import ConfigurationError, MigrationError
 from .evolution import ERROR_CLASSES
 from .settings import BINDING_ATTRS, Secret, Settings
 
 # One lock for every pgqr migrate against this database, whichever process runs it.
-LOCK_KEY = 0x70677172  # "pgqr"
 FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-
-
-class MigrationError(RuntimeError):
-    """A problem a user must fix; str() is one line meant for them."""
-
-
-class ConfigurationError(MigrationError):
-    """The server is not configured for pgqr (e.g. pg_cron missing): exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -87,54 +87,6 @@ def check_syntax(path: Path, text: str) -> None:
         raise MigrationError(f"{path}:{line}:{column}: {message}") from None
 
 
-@dataclass(frozen=True)
-class CronSetup:
-    """Where pg_cron lives relative to the application database."""
-
-    app_database: str
-    cron_database: str
-
-    @property
-    def same_database(self) -> bool:
-        return self.app_database == self.cron_database
-
-    def jobname(self, name: str) -> str:
-        # pg_cron job names are unique per user in its one database; several application databases on
-        # one server would overwrite each other's jobs, so jobs for another database carry its name.
-        return name if self.same_database else f"{name}@{self.app_database}"
-
-
-def cron_setup(conn: psycopg.Connection[tuple[object, ...]]) -> CronSetup:
-    """Check pg_cron is usable; raise ConfigurationError with what to set otherwise. Changes nothing."""
-    app_db = str(conn.info.dbname)
-    if not _pg_cron_loaded(conn):
-        raise ConfigurationError(
-            "pg_cron is not loaded: set shared_preload_libraries = 'pg_cron' and "
-            f"cron.database_name = '{app_db}' in postgresql.conf, then restart PostgreSQL "
-            "(Debian: apt-get install postgresql-15-cron)"
-        )
-    row = conn.execute("SELECT current_setting('cron.database_name', true)").fetchone()
-    cron_db = str(row[0]) if row and row[0] else "postgres"
-    return CronSetup(app_database=app_db, cron_database=cron_db)
-
-
-def _pg_cron_loaded(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
-    try:
-        row = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()
-    except psycopg.errors.InsufficientPrivilege:
-        # pg_cron's own settings (cron.database_name) are just as hidden, so there is no other way to look
-        raise ConfigurationError(
-            f"role {conn.info.user} cannot check pg_cron's settings: run pgqr migrate as a superuser, or "
-            f"GRANT pg_read_all_settings TO {conn.info.user}"
-        ) from None
-    return "pg_cron" in [x.strip().strip('"') for x in str(row[0] if row else "").split(",")]
-
-
-def cron_conninfo(dsn: str, setup: CronSetup) -> str:
-    """Same server and credentials, pg_cron's database."""
-    return make_conninfo(dsn, dbname=setup.cron_database)
-
-
 @dataclass
 class Plan:
     applied: dict[int, str]  # version -> checksum
@@ -186,64 +138,13 @@ def _apply(conn: psycopg.Connection[tuple[object, ...]], migration: Migration) -
         )
 
 
-@dataclass(frozen=True)
-class Job:
-    name: str
-    schedule: str
-    command: str
-    active: bool
-    target: str  # 'app': runs in the application database; 'cron': in pg_cron's own
-
-    def database(self, setup: CronSetup) -> str:
-        return setup.cron_database if self.target == "cron" else setup.app_database
-
-
-def wanted_jobs(conn: psycopg.Connection[tuple[object, ...]]) -> list[Job]:
-    rows = conn.execute("SELECT name, schedule, command, active, target FROM pgqr.jobs ORDER BY name").fetchall()
-    return [Job(str(n), str(s), str(c), bool(a), str(t)) for n, s, c, a, t in rows]
-
-
-def ensure_extension(dsn: str, setup: CronSetup) -> None:
-    """pg_cron's extension in its database, before the migrations (views may read cron.* there)."""
-    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
-        cron.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
-
-
-def schedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> None:
-    """Create or update pgqr's jobs in pg_cron (cron.schedule_in_database upserts by name)."""
-    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
-        for job in jobs:
-            row = cron.execute(
-                "SELECT cron.schedule_in_database(%s, %s, %s, %s, NULL, %s)",
-                (setup.jobname(job.name), job.schedule, job.command, job.database(setup), job.active),
-            ).fetchone()
-            # pg_cron 1.4's upsert by name updates only schedule and command: pause/resume need `active`
-            assert row is not None
-            cron.execute(
-                "SELECT cron.alter_job(%s, database => %s, active => %s)",
-                (row[0], job.database(setup), job.active),
-            )
-
-
-def unschedule_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> int:
-    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
-        removed = 0
-        for job in jobs:
-            row = cron.execute(
-                "SELECT cron.unschedule(jobid) FROM cron.job WHERE jobname = %s AND database = %s",
-                (setup.jobname(job.name), job.database(setup)),
-            ).fetchone()
-            removed += 1 if row else 0
-        return removed
-
-
 def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: bool = False,
             binding: Settings | None = None) -> list[str]:
     """Apply pending migrations, bind the app's table and (re)schedule pgqr's jobs. Returns what was (or would
     be) done. Each file runs in its own transaction under a transaction-level advisory lock, so concurrent
     runs wait for each other and nothing depends on a session (a transaction pooler is fine)."""
     migrations = load() if migrations is None else migrations
-    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+    with connect(dsn) as conn:
         setup = cron_setup(conn)
         if dry_run:
             pending = plan(conn, migrations).pending
@@ -274,7 +175,6 @@ def sync_error_classes(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     """Copy the one table of error classes (pgqr/evolution.py) into pgqr.error_classes."""
     rows = [(name, i.transient, i.backoff_base, i.backoff_max, i.meaning) for name, i in ERROR_CLASSES.items()]
     with conn.transaction():
-        # under the migration lock: two migrates deleting and inserting at once would collide on the keys
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         conn.execute("DELETE FROM pgqr.error_classes")
         with conn.cursor() as cur:
@@ -293,7 +193,9 @@ def bind(conn: psycopg.Connection[tuple[object, ...]], settings: Settings, *,
             conn.execute("SELECT pgqr.install_binding(b) FROM pgqr.binding b")  # the current generator's SQL
             return []
         created = False
-        if "table" not in settings.explicit and settings.table == "public.evolution_instances":
+        # only a first install makes the seed's table: a re-bind that does not name a table must not create one
+        # (and quietly move pgqr's trigger onto it)
+        if not stored and "table" not in settings.explicit and settings.table == "public.evolution_instances":
             row = conn.execute("SELECT pgqr.create_default_table()").fetchone()
             created = bool(row and row[0])
         args = {attr: getattr(settings, attr) for attr in BINDING_ATTRS}
@@ -321,7 +223,7 @@ def verify(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
     """Every problem that makes this database not match the code; empty when all is well."""
     migrations = load() if migrations is None else migrations
     problems: list[str] = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn) as conn:
         setup = cron_setup(conn)
         current = plan(conn, migrations)
         problems += [f"pending: {m.name}" for m in current.pending]
@@ -333,24 +235,8 @@ def verify(dsn: str, migrations: list[Migration] | None = None) -> list[str]:
             if not _exists(conn, kind, name):
                 problems.append(f"missing {kind}: {name}")
         if not current.pending:
-            problems += _missing_jobs(dsn, setup, wanted_jobs(conn))
+            problems += missing_jobs(dsn, setup, wanted_jobs(conn))
     return problems
-
-
-def _missing_jobs(dsn: str, setup: CronSetup, jobs: list[Job]) -> list[str]:
-    with psycopg.connect(cron_conninfo(dsn, setup), autocommit=True) as cron:
-        has_cron = cron.execute("SELECT to_regclass('cron.job') IS NOT NULL").fetchone()
-        if not has_cron or not has_cron[0]:
-            return [f"missing extension: pg_cron in database {setup.cron_database}"]
-        problems = []
-        for job in jobs:
-            row = cron.execute(
-                "SELECT 1 FROM cron.job WHERE jobname = %s AND database = %s",
-                (setup.jobname(job.name), job.database(setup)),
-            ).fetchone()
-            if not row:
-                problems.append(f"missing cron job: {setup.jobname(job.name)}")
-        return problems
 
 
 def expected_objects(migrations: list[Migration]) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import __version__, db, web
+from . import __version__, db, page, tokens, web
 from .alerts import AlertForwarder
 from .engine import Engine, InstanceResult
 from .evolution import EvolutionClient
@@ -58,8 +58,13 @@ class Service:
         handlers: dict[str, Callable[[str], None]] = {REFRESH_CHANNEL: self._on_refresh}
         if self.alerts is not None:
             handlers[ALERT_CHANNEL] = lambda payload: self.alerts.wake() if self.alerts else None
+        # the live QR page: one more channel on the same LISTEN, fanned out in-process to every open page
+        self.page = page.Hub(lambda keys: db.page_states(self.pool, keys)) if settings.link_secret else None
+        if self.page is not None:
+            handlers[page.QR_CHANNEL] = self.page.notified
         self.listener = Listener(settings.listen_dsn, handlers, self._on_listen, probe_seconds=settings.probe_seconds,
-                                 on_reconnect=self.metrics.reconnects.inc)
+                                 on_reconnect=self.metrics.reconnects.inc,
+                                 send=lambda channel, payload: db.send_notify(self.pool, channel, payload))
         # read when /metrics is scraped, so a reconnect shows at once, not at the next gauge round
         self.metrics.listening.set_function(lambda: 1 if self.listener.listening.is_set() else 0)
         self.metrics.listen_degraded.set_function(lambda: 1 if self.listener.degraded else 0)
@@ -78,6 +83,8 @@ class Service:
         self.wake.set()
         if self.alerts is not None:
             self.alerts.wake()  # alert transitions notified while we were not listening
+        if self.page is not None:
+            self.page.reconnected()  # and QR changes: open pages get the current state
 
     def _observe(self, result: InstanceResult) -> None:
         self.metrics.refreshes.labels(result.outcome, result.error_class or "").inc()
@@ -99,11 +106,17 @@ class Service:
         return []
 
     def web_app(self) -> Any:
-        return web.make_app(web.Deps(
+        app = web.make_app(web.Deps(
             record=lambda results: db.record_results(self.pool, self.owner, results),
             find=lambda name: db.find_instances(self.pool, name),
-            readiness=self.readiness, notes=self.notes, metrics=self.metrics, secret=self.settings.webhook_secret,
+            readiness=self.readiness, notes=self.notes, metrics=self.metrics,
+            auth=tokens.WebhookAuth(self.settings.webhook_secret, self.settings.evolution_api_key,
+                                    self.settings.webhook_jwt_key),
             default_evolution_url=reveal(self.settings.evolution_api_url)))
+        if self.page is not None:
+            secrets = [s.reveal() for s in (self.settings.link_secret, self.settings.link_secret_previous) if s]
+            page.register(app, self.page, secrets)
+        return app
 
     # -- the loops ----------------------------------------------------------------------------------------
 
@@ -169,6 +182,8 @@ class Service:
         loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [
             ("listen", self.listener.run_forever), ("heartbeat", self.heartbeat_forever),
             ("gauges", self.gauges_forever), ("degraded", self.poll_while_degraded)]
+        if self.page is not None:
+            loops.append(("page", self.page.run_forever))
         background = [asyncio.create_task(fn(), name=name) for name, fn in loops]
         worker = asyncio.create_task(self.work_forever(), name="work")
         for task in (*background, worker):

@@ -132,6 +132,20 @@ def public_url(name: str, raw: str) -> str:
     return check_url(raw, name).rstrip("/")
 
 
+def link_secret(name: str, raw: str) -> Secret:
+    """A key for signing links: long enough that guessing it is hopeless. The message never echoes it."""
+    if len(raw) < 16:
+        raise ConfigError(f"{name} must be at least 16 characters (e.g. openssl rand -hex 16)")
+    return Secret(raw)
+def boolean(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 def words(name: str, raw: str) -> tuple[str, ...]:
     values = tuple(v.strip() for v in raw.split(",") if v.strip())
     if not values:
@@ -200,9 +214,26 @@ OPTIONS: tuple[Option, ...] = (
     Option("http_port", "PGQR_HTTP_PORT", port, None, "port for health, metrics and webhooks (off when unset)",
            ("run",)),
     Option("webhook_secret", "PGQR_WEBHOOK_SECRET", secret, None,
-           "authenticates Evolution's webhooks (path or X-Pgqr-Token header)", ("run", "webhooks"), flag=False),
+           "authenticates Evolution's webhooks (path or X-Pgqr-Token header; per-instance tokens derive from it)",
+           ("run", "webhooks", "doctor"), flag=False),
+    Option("webhook_jwt_key", "PGQR_WEBHOOK_JWT_KEY", secret, None,
+           "when set, every webhook must carry Evolution's HS256 `Authorization: Bearer` JWT signed with it "
+           "(`webhooks register` sets it as the webhook's jwt_key; the global webhook cannot send one)",
+           ("run", "webhooks", "doctor"), flag=False),
+    Option("public_url", "PGQR_PUBLIC_URL", public_url, None,
+           "the sidecar's base URL as Evolution and people's browsers reach it: `webhooks register` points "
+           "webhooks at <it>/webhooks/evolution, `pgqr link` starts its URLs with it", ("webhooks", "doctor", "link")),
+    Option("global_webhook", "PGQR_GLOBAL_WEBHOOK", boolean, False,
+           "Evolution's global webhook (WEBHOOK_GLOBAL_URL) points at pgqr: doctor does not look for "
+           "per-instance webhooks", ("doctor",), flag=False),
     Option("alert_webhook_url", "PGQR_ALERT_WEBHOOK_URL", url, None,
            "where alert transitions are POSTed (JSON)", ("run",), flag=False),
+    # the live QR page (pgqr link, /instances/{key} on the sidecar)
+    Option("link_secret", "PGQR_LINK_SECRET", link_secret, None,
+           "signs the live page's links; the page is off while unset; changing it revokes every link",
+           ("run", "link"), flag=False),
+    Option("link_secret_previous", "PGQR_LINK_SECRET_PREVIOUS", link_secret, None,
+           "the link secret before a rotation: its links keep working until this is unset", ("run",), flag=False),
     # the binding: which table and columns are the app's instances (pgqr migrate / pgqr bind)
     Option("table", "PGQR_TABLE", text, "public.evolution_instances", "the app's instances table", BINDING),
     Option("key_column", "PGQR_KEY_COLUMN", column, None,
@@ -249,7 +280,12 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     webhook_secret: Secret | None = None
+    webhook_jwt_key: Secret | None = None
+    public_url: str | None = None
+    global_webhook: bool = False
     alert_webhook_url: Secret | None = None
+    link_secret: Secret | None = None
+    link_secret_previous: Secret | None = None
     table: str = "public.evolution_instances"
     key_column: str | None = None
     name_column: str = "instance_name"

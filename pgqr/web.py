@@ -1,32 +1,42 @@
 """The sidecar's HTTP side (aiohttp): liveness, readiness, Prometheus metrics, and Evolution's webhooks.
 
-It gets narrow callables (record results, find instances, readiness, the metrics registry), never the service.
-Webhooks arrive at POST /webhooks/evolution/{secret}[/{event}] (the optional last segment is Evolution's
-"webhook by events" suffix). Evolution signs nothing (evolution-api.md section 4), so the secret is the
-authentication; it is compared in constant time and never logged.
+It gets narrow callables (record results, find instances, readiness, the metrics registry) and the webhook
+credential checks (pgqr.tokens.WebhookAuth), never the service. Webhooks arrive in two forms:
+- POST /webhooks/evolution/{secret}[/{event}]: the global secret in the path (Evolution's global webhook, which
+  sends no custom headers);
+- POST /webhooks/evolution[/{event}] with the header X-Pgqr-Token: the global secret or the instance's derived
+  token (what `pgqr webhooks register` sets); the segment after `evolution` is then always the event.
+The optional last segment is Evolution's "webhook by events" suffix. Evolution signs nothing (evolution-api.md
+section 4): see pgqr/tokens.py for what is checked. Every refusal is counted by reason
+(pgqr_webhook_rejections) and writes nothing; no credential is ever logged.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
+import json
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import psycopg
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from . import db
+from . import db, tokens
 from .metrics import Metrics
-from .settings import ConfigError, Secret
+from .settings import ConfigError
 
 log = logging.getLogger("pgqr.web")
 KNOWN_EVENTS = frozenset({"qrcode.updated", "connection.update", "status.instance", "logout.instance",
                           "remove.instance", "instance.create", "instance.delete"})
+MAX_BODY_BYTES = 1024 * 1024
+MAX_DEPTH = 32  # Evolution's envelopes nest 4 levels; JSON deeper than this is not from Evolution
+WEBHOOK_PREFIX = "/webhooks/evolution"
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,7 @@ class Deps:
     readiness: Callable[[], list[str]]          # problems; empty when ready
     notes: Callable[[], list[str]]              # degraded but serving (readiness stays 200)
     metrics: Metrics
-    secret: Secret | None
+    auth: tokens.WebhookAuth
     default_evolution_url: str | None
 
 
@@ -98,25 +108,129 @@ def pick(instances: list[db.Instance], server_url: str | None, default_url: str 
     return same[0] if len(same) == 1 else None
 
 
+class Refused(Exception):
+    """A webhook refused before anything is written: the HTTP status, the metric's reason, the reply's text."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.message = status, reason, message
+
+
+def _unauthorized(reason: str) -> Refused:
+    return Refused(401, reason, "unauthorized")
+
+
+# A JSON string (escape-aware; an unterminated one runs to the end, so no match attempt ever fails and the scan
+# stays linear) or a bracket.
+_JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\(?:.|\Z)[^"\\]*)*(?:"|\Z)|[\[\]{}]', re.DOTALL)
+
+
+def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON text nests arrays/objects deeper than `limit`, found without recursion (json.loads recurses
+    once per level and a 10,000-deep body would end in RecursionError)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in ("]", "}"):
+            depth -= 1
+    return False
+
+
+def parse_envelope(raw: bytes) -> dict[str, Any]:
+    """The webhook body as a dict with the fields pgqr reads of the right type, or Refused (400)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused(400, "bad_json", "body is not JSON") from None
+    if too_deep(text):
+        raise Refused(400, "too_deep", f"body nests deeper than {MAX_DEPTH} levels")
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        raise Refused(400, "bad_json", "body is not JSON") from None
+    if not isinstance(body, dict):
+        raise Refused(400, "bad_shape", "body is not a JSON object")
+    instance = body.get("instance")
+    if not isinstance(instance, str) or not instance:
+        raise Refused(400, "bad_shape", "instance is not a string")
+    # logout.instance and remove.instance carry `data: null` (section 9)
+    wanted: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+        ("event", str), ("data", (dict, type(None))), ("apikey", (str, type(None))),
+        ("server_url", (str, type(None))))
+    for field, kind in wanted:
+        if field in body and not isinstance(body[field], kind):
+            raise Refused(400, "bad_shape", f"{field} has the wrong type")
+    return body
+
+
+async def _read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise Refused(413, "too_large", f"body larger than {MAX_BODY_BYTES} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise Refused(413, "too_large", f"body larger than {MAX_BODY_BYTES} bytes") from None
+
+
+async def _authenticated_body(request: web.Request, auth: tokens.WebhookAuth) -> dict[str, Any]:
+    """Check the request's credentials (and read its body on the way); Refused unless they hold."""
+    if not auth.enabled:
+        raise _unauthorized("not_configured")
+    header = request.headers.get(tokens.HEADER)
+    first, second = request.match_info.get("first"), request.match_info.get("second")
+    if header is None:  # the path form: /webhooks/evolution/{secret}[/{event}]
+        if first is None:
+            raise _unauthorized("missing_token")
+        if not auth.path_secret_ok(first):
+            raise _unauthorized("wrong_token")
+    else:  # the header form: /webhooks/evolution[/{event}]
+        if second is not None:
+            raise Refused(404, "bad_path", "not found")
+        if not header:
+            raise _unauthorized("missing_token")
+        if not auth.could_be_header_token(header):
+            raise _unauthorized("wrong_token")
+    if (problem := auth.jwt_problem(request.headers.get("Authorization"))) is not None:
+        raise _unauthorized(problem)
+    body = parse_envelope(await _read_body(request))
+    # a derived token is valid for the name it was derived from, so it only ever writes that instance
+    if header is not None and auth.header_scope(header, body["instance"]) is None:
+        raise _unauthorized("wrong_token")
+    return body
+
+
 async def webhook(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    given = request.match_info["secret"]
-    if deps.secret is None or not hmac.compare_digest(given.encode(), deps.secret.reveal().encode()):
-        return web.json_response({"error": "not found"}, status=404)
     try:
-        body = await request.json()
-    except ValueError:
-        return web.json_response({"error": "body is not JSON"}, status=400)
-    event_name = str(body.get("event", "")) if isinstance(body, dict) else ""
+        return await _webhook(request, deps)
+    except Refused as refused:
+        deps.metrics.webhook_rejections.labels(refused.reason).inc()
+        return web.json_response({"error": refused.message}, status=refused.status)
+
+
+async def _webhook(request: web.Request, deps: Deps) -> web.Response:
+    body = await _authenticated_body(request, deps.auth)
+    event_name = body.get("event") or ""
     # a label per known event only: the body is the sender's to choose, and series must stay bounded
     deps.metrics.webhooks.labels(event_name if event_name in KNOWN_EVENTS else "other").inc()
     event = event_from_webhook(body)
     if event is None:
         return web.json_response({"ignored": event_name})
     try:
-        instance = pick(await deps.find(event.name), event.server_url, deps.default_evolution_url)
+        instances = await deps.find(event.name)
+        instance = pick(instances, event.server_url, deps.default_evolution_url)
         if instance is None:
-            return web.json_response({"error": "unknown instance"}, status=404)
+            raise Refused(404, "unknown_instance" if not instances else "ambiguous_instance", "unknown instance")
+        apikey = body.get("apikey")
+        # Evolution sends the instance's token, or null when it does not expose tokens (then the secret decides)
+        if apikey is not None and not deps.auth.apikey_ok(apikey, instance.token):
+            raise _unauthorized("wrong_apikey")
         md5 = _md5(event.qr) if event.qr else None
         result = db.Result(key=instance.key, source="webhook", outcome=event.outcome, md5=md5, qr=event.qr,
                            pairing_code=event.pairing_code, evolution_state=event.evolution_state,
@@ -157,17 +271,20 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[DEPS].metrics.render(), content_type="text/plain", charset="utf-8")
 
 
+def loggable_path(request: web.BaseRequest) -> str:
+    """What the access log may show of a request's path: the route it matched (a template such as
+    /webhooks/evolution/{first}, never the values). An unmatched path is never shown: it may be a webhook URL
+    with a secret in it, in any case, dot-segments or percent-encoding."""
+    info = getattr(request, "match_info", None)  # a request that never reached the router has none
+    resource = getattr(getattr(info, "route", None), "resource", None)
+    return str(resource.canonical) if resource is not None else "(unmatched)"
+
+
 class RedactingAccessLogger(AbstractAccessLogger):
-    """The access log names the route, never the raw path of anything under /webhook (it may carry a secret,
-    whatever its case, dot-segments or encoding)."""
+    """The access log names the route and the status, never a raw path or query string (see loggable_path)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        info = getattr(request, "match_info", None)  # a request that never reached the router has none
-        resource = info.route.resource if info is not None else None
-        route = resource.canonical if resource is not None else None
-        path = request.path if route is None or "{" not in route else route
-        if "webhook" in request.raw_path.lower() or "webhook" in path.lower():
-            path = route if route and "webhook" in route else "/webhooks/…"
+        path = loggable_path(request)
         self.logger.info("%s %s %s", request.method, path, response.status,
                          extra={"action": "http", "method": request.method, "path": path,
                                 "status": response.status, "ms": round(time * 1000, 1)})
@@ -177,14 +294,29 @@ class RedactingAccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
+@web.middleware
+async def count_stray_webhooks(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                               ) -> web.StreamResponse:
+    """A post under /webhook that matches no route (a wrong case, a doubled slash, an encoded slash, a proxy
+    prefix left on) is a misconfigured webhook: counted as bad_path, so it shows in /metrics."""
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+        if request.match_info.route.resource is None and "webhook" in unquote(request.raw_path).lower():
+            request.app[DEPS].metrics.webhook_rejections.labels("bad_path").inc()
+        raise
+
+
 def make_app(deps: Deps) -> web.Application:
-    app = web.Application(client_max_size=1024 * 1024)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[count_stray_webhooks])
     app[DEPS] = deps
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/webhooks/evolution/{secret}", webhook)
-    app.router.add_post("/webhooks/evolution/{secret}/{event}", webhook)
+    # {first} is the secret in the path form, the event in the header form (see the module's docstring)
+    app.router.add_post(WEBHOOK_PREFIX, webhook)
+    app.router.add_post(WEBHOOK_PREFIX + "/{first}", webhook)
+    app.router.add_post(WEBHOOK_PREFIX + "/{first}/{second}", webhook)
     return app
 
 

@@ -5,6 +5,12 @@
 -- lacks (the QR's timestamps, its expiry estimate, the QR itself when there is no column for it) lives in
 -- pgqr.instance_state.
 
+-- Names come from the app as it wrote them, of any length: a btree entry holds at most ~2.7 kB, so one long
+-- name failed the trigger's bookkeeping for its row and every tick's sync_instances() for all rows. A hash
+-- index serves find_instances()' equality lookups and has no such limit.
+DROP INDEX pgqr.instance_state_name_idx;
+CREATE INDEX instance_state_name_idx ON pgqr.instance_state USING hash (name);
+
 CREATE TABLE pgqr.binding (
     singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     table_name        text NOT NULL,        -- schema-qualified, quoted as needed
@@ -86,7 +92,8 @@ BEGIN
         EXECUTE format('INSERT INTO pg_temp.pgqr_binding_probe (%I) VALUES (%L)', col, value);
     EXCEPTION WHEN OTHERS THEN
         EXECUTE 'DROP TABLE pg_temp.pgqr_binding_probe';
-        RETURN SQLERRM;
+        -- name the app's table, not the probe
+        RETURN replace(SQLERRM, '"pgqr_binding_probe"', tbl::text);
     END;
     EXECUTE 'DROP TABLE pg_temp.pgqr_binding_probe';
     RETURN NULL;
@@ -123,8 +130,9 @@ BEGIN
         ELSIF col.category = 'S' AND pgqr.column_category(tbl, col.name) NOT IN ('S', 'E') THEN
             problems := problems || format('column %I (the %s column) is %s, not text-like', col.name, col.role,
                                            pgqr.column_type(tbl, col.name));
-        ELSIF col.category = 'D' AND pgqr.column_type(tbl, col.name) NOT IN
-                ('timestamp with time zone', 'timestamp without time zone') THEN
+        -- with or without a precision: Prisma's DateTime is timestamp(3)
+        ELSIF col.category = 'D' AND pgqr.column_type(tbl, col.name) !~
+                '^timestamp(\(\d\))? with(out)? time zone$' THEN
             problems := problems || format('column %I (the %s column) is %s, not a timestamp', col.name, col.role,
                                            pgqr.column_type(tbl, col.name));
         END IF;
@@ -141,7 +149,8 @@ BEGIN
     IF b.connected_value = ANY(b.waiting_values) OR b.gave_up_value = ANY(b.waiting_values) THEN
         problems := problems || 'the connected and gave-up values must not be waiting values'::text;
     END IF;
-    IF cardinality(problems) = 0 THEN
+    -- probed whenever the status column is there, so one run lists this problem beside any other
+    IF pgqr.column_category(tbl, b.status_column) IN ('S', 'E') THEN
         FOREACH v IN ARRAY array_remove(b.waiting_values || b.connected_value || b.gave_up_value, NULL) LOOP
             refusal := pgqr.value_refused(tbl, b.status_column, v);
             IF refusal IS NOT NULL THEN
@@ -247,7 +256,9 @@ BEGIN
                                                ELSE s.connecting_since END,
                        consecutive_failures = CASE WHEN EXCLUDED.waiting AND NOT s.waiting THEN 0
                                                    ELSE s.consecutive_failures END,
-                       repeats = CASE WHEN EXCLUDED.waiting AND NOT s.waiting THEN 0 ELSE s.repeats END
+                       repeats = CASE WHEN EXCLUDED.waiting AND NOT s.waiting THEN 0 ELSE s.repeats END,
+                       -- the app may have cleared its QR: the next image seen is news again
+                       qr_md5 = CASE WHEN EXCLUDED.waiting AND NOT s.waiting THEN NULL ELSE s.qr_md5 END
                  WHERE s.name IS DISTINCT FROM EXCLUDED.name OR s.waiting IS DISTINCT FROM EXCLUDED.waiting;
                 IF w AND NOT was THEN
                     -- the key, not the name: a NOTIFY payload over 8000 bytes would fail the app's statement
@@ -265,9 +276,11 @@ BEGIN
         END
         $body$$trg$, b.key_column, b.status_column, b.waiting_values, b.name_column);
     EXECUTE format('DROP TRIGGER IF EXISTS pgqr_instance_change ON %s', tbl);
-    EXECUTE format('CREATE TRIGGER pgqr_instance_change AFTER INSERT OR DELETE OR UPDATE OF %I, %I, %I ON %s '
+    -- the key may also be the name (a table keyed by instance name): UPDATE OF refuses a column named twice
+    EXECUTE format('CREATE TRIGGER pgqr_instance_change AFTER INSERT OR DELETE OR UPDATE OF %s ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION pgqr.on_app_change()',
-                   b.key_column, b.name_column, b.status_column, tbl);
+                   (SELECT string_agg(DISTINCT quote_ident(c), ', ')
+                    FROM unnest(ARRAY[b.key_column, b.name_column, b.status_column]) c), tbl);
 END
 $gen$;
 
@@ -289,7 +302,8 @@ DECLARE
     old      pgqr.binding;
     problems text[];
 BEGIN
-    IF tbl IS NOT NULL AND key_column IS NULL THEN
+    -- only a table has a primary key to default to; a view is refused below with a message that says so
+    IF key_column IS NULL AND (SELECT relkind FROM pg_class WHERE oid = tbl) IN ('r', 'p') THEN
         SELECT CASE WHEN count(*) = 1 THEN min(a.attname) END INTO key_column
         FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = ANY(x.indkey)
         WHERE x.indrelid = tbl AND x.indisprimary;
@@ -363,7 +377,8 @@ BEGIN
     UPDATE pgqr.instance_state s
        SET name = coalesce(a.name, ''), waiting = coalesce(a.waiting, false),
            due_at = CASE WHEN NOT coalesce(a.waiting, false) THEN NULL WHEN NOT s.waiting THEN now() ELSE s.due_at END,
-           connecting_since = CASE WHEN a.waiting AND NOT s.waiting THEN now() ELSE s.connecting_since END
+           connecting_since = CASE WHEN a.waiting AND NOT s.waiting THEN now() ELSE s.connecting_since END,
+           qr_md5 = CASE WHEN a.waiting AND NOT s.waiting THEN NULL ELSE s.qr_md5 END
       FROM pgqr.app_instances a
      WHERE a.key = s.key
        AND (s.name IS DISTINCT FROM coalesce(a.name, '') OR s.waiting IS DISTINCT FROM coalesce(a.waiting, false));

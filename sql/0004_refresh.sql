@@ -12,7 +12,12 @@ DECLARE
     t pgqr.ticks;
 BEGIN
     INSERT INTO pgqr.ticks DEFAULT VALUES RETURNING * INTO t;
-    PERFORM pgqr.sync_instances();
+    BEGIN
+        PERFORM pgqr.sync_instances();
+    EXCEPTION WHEN OTHERS THEN
+        -- one row pgqr cannot track must not stop the tick (and its NOTIFY) for everyone
+        RAISE WARNING 'pgqr: syncing the app''s rows failed (%); the tick goes on', SQLERRM;
+    END;
     PERFORM pg_notify('pgqr_refresh', json_build_object('tick', t.id, 'at', t.at)::text);
     RETURN t.id;
 END
@@ -151,8 +156,9 @@ $$;
 --     hands it in again; an app row no longer in a waiting status is never written (the state guard).
 --   * A QR image is written only when it changed, and never over one stored after the poll started.
 --   * A webhook that repeats the Evolution state pgqr already holds writes nothing at all.
---   * Every poll and every webhook that changed something appends one refresh_log row; a new QR, a connect
---     and a give-up send NOTIFY pgqr_qr_updated with the key and what happened (never a token, never the QR).
+--   * Every poll and every webhook that changed something appends one refresh_log row; a new QR, a connect,
+--     a give-up and a first failure send NOTIFY pgqr_qr_updated with the key and what happened (never a token,
+--     never the QR).
 CREATE FUNCTION pgqr.record_results(writer text, results jsonb)
 RETURNS TABLE (key text, applied boolean, busy boolean, qr_updated boolean, outcome pgqr.outcome)
 LANGUAGE plpgsql AS $$
@@ -168,6 +174,7 @@ DECLARE
     cap     integer := pgqr.setting('max_calls_per_minute')::integer;
     writes  pgqr.app_write[];
     changed text[];
+    failing text[];
 BEGIN
     SELECT * INTO b FROM pgqr.binding;
     -- one result per key (the last one wins), and webhook repeats dropped before anything is locked
@@ -211,7 +218,11 @@ BEGIN
 
     -- the bookkeeping, with the next due time and the QR estimate
     WITH planned AS (
-        SELECT r.*, p.changed, p.due_at, p.qr_born_after, p.qr_seen_at, p.qr_expires_at, p.repeats
+        -- a row no longer waiting keeps what pgqr knew of its QR: nothing was written to it
+        SELECT r.*, p.changed AND s.waiting AS changed, p.due_at,
+               CASE WHEN s.waiting THEN p.qr_born_after ELSE s.qr_born_after END AS qr_born_after,
+               CASE WHEN s.waiting THEN p.qr_seen_at ELSE s.qr_seen_at END AS qr_seen_at,
+               CASE WHEN s.waiting THEN p.qr_expires_at ELSE s.qr_expires_at END AS qr_expires_at, p.repeats
         FROM unnest(rs) r JOIN pgqr.instance_state s ON s.key = r.key, LATERAL pgqr.plan_next(s, r) p
         WHERE r.key = ANY(mine)
     ), upd AS (
@@ -251,7 +262,8 @@ BEGIN
                                 WHEN x.outcome IN ('connected', 'gave_up') THEN NULL ELSE s.pairing_code END
           FROM planned x
          WHERE s.key = x.key
-        RETURNING s.name AS instance_name, s.waiting AS still_waiting, s.qr_expires_at AS expires_at, x.*
+        RETURNING s.name AS instance_name, s.waiting AS still_waiting, s.qr_expires_at AS expires_at,
+                  s.consecutive_failures AS failures, x.*
     ), logged AS (
         INSERT INTO pgqr.refresh_log (instance_key, instance_name, source, outcome, applied, qr_updated,
                                       http_status, latency_ms, error_class, owner)
@@ -263,8 +275,9 @@ BEGIN
     SELECT array_agg(ROW(u.key, CASE WHEN u.changed THEN 'qr' ELSE u.outcome::text END,
                          u.qr, u.pairing_code, now(), u.expires_at)::pgqr.app_write)
              FILTER (WHERE u.still_waiting AND (u.changed OR u.outcome IN ('connected', 'gave_up'))),
-           array_agg(u.key) FILTER (WHERE u.changed)
-      INTO writes, changed
+           array_agg(u.key) FILTER (WHERE u.changed),
+           array_agg(u.key) FILTER (WHERE u.outcome = 'failed' AND u.failures = 1 AND u.still_waiting)
+      INTO writes, changed, failing
       FROM upd u;
 
     IF cardinality(writes) > 0 THEN
@@ -273,6 +286,10 @@ BEGIN
                     'key', left(w.key, 200), 'event', w.kind, 'expires_at', w.qr_expires_at)::text)
            FROM unnest(writes) w;
     END IF;
+
+    -- a first failure is news for whoever shows this instance (the live page); later ones are not
+    PERFORM pg_notify('pgqr_qr_updated', json_build_object('key', left(k, 200), 'event', 'failed')::text)
+       FROM unnest(failing) k;
 
     -- polls whose lease is gone (another replica took over) are logged as not applied
     INSERT INTO pgqr.refresh_log (instance_key, instance_name, source, outcome, applied, qr_updated, http_status,

@@ -19,7 +19,7 @@ import pytest
 from psycopg.rows import dict_row
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from pgqr import devdb, migrations
+from pgqr import cron, devdb, migrations
 
 pytest_plugins = ["sim_fixtures", "service_fixtures"]
 
@@ -103,8 +103,8 @@ def migrated(pg_server: devdb.DevServer, pgqr_template: str) -> Iterator[Databas
     """A database with pgqr installed (a clone of the template) and its pg_cron jobs scheduled."""
     for database in _new_database(pg_server, pgqr_template):
         with psycopg.connect(database.dsn, autocommit=True) as conn:
-            setup = migrations.cron_setup(conn)
-            migrations.schedule_jobs(database.dsn, setup, migrations.wanted_jobs(conn))
+            setup = cron.cron_setup(conn)
+            cron.schedule_jobs(database.dsn, setup, cron.wanted_jobs(conn))
         yield database
 
 

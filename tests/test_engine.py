@@ -187,3 +187,64 @@ async def test_a_repeated_connection_update_writes_nothing(env: Env) -> None:
     finally:
         await pool.close()
     assert isinstance(before, str) and isinstance(after, str)
+
+
+async def test_a_row_that_turns_waiting_again_gets_its_qr_written_even_when_evolution_shows_the_same_image(
+        env: Env) -> None:
+    env.add("shop")
+    await env.reconcile()
+    image = env.row("shop")["qr_code"]
+    # the app parks the row and asks again, clearing its QR; Evolution still shows the same image
+    env.db.query("UPDATE evolution_instances SET instance_status = 'paused', qr_code = NULL "
+                 "WHERE instance_name = 'shop'")
+    env.db.query("UPDATE evolution_instances SET instance_status = 'connecting' WHERE instance_name = 'shop'")
+    summary = await env.reconcile()
+    assert [r.outcome for r in summary.results] == ["qr_stored"]
+    assert env.row("shop")["qr_code"] == image
+
+
+async def test_an_instance_evolution_has_not_loaded_yet_recovers_within_seconds_of_being_loaded(env: Env) -> None:
+    """After an Evolution restart an instance answers {"error":true,...} until it is loaded again: transient,
+    retried in seconds (not the 30 minutes of a permanent failure)."""
+    env.add("restarting", mode="not_in_memory")
+    summary = await env.reconcile()
+    assert [(r.outcome, r.error_class) for r in summary.results] == [("failed", "not_loaded")]
+    row = env.row("restarting")
+    assert (row["due_at"] - row["last_poll_at"]).total_seconds() <= 5
+    async with running_service(env.settings()):
+        env.sim.reload("restarting")
+        await wait_until(lambda: env.row("restarting")["qr_code"] is not None, 60, "the QR after the reload")
+    assert env.row("restarting")["consecutive_failures"] == 0
+
+
+async def test_a_timeout_backs_off_instead_of_retrying_at_once_and_is_never_final(env: Env) -> None:
+    env.add("slow-close", mode="hang")
+    summary = await env.reconcile(http_timeout=0.5)
+    assert [(r.outcome, r.error_class) for r in summary.results] == [("failed", "timeout")]
+    row = env.row("slow-close")
+    # timeout: transient, first retry 10 s (jittered to 5-10 s), doubling: not at once, not for good
+    assert 4.9 <= (row["due_at"] - row["last_poll_at"]).total_seconds() <= 10.5
+    assert row["waiting"] and row["last_error_class"] == "timeout"
+    env.make_due("slow-close")
+    await env.reconcile(http_timeout=0.5)
+    second = env.row("slow-close")
+    assert second["consecutive_failures"] == 2
+    assert 9.9 <= (second["due_at"] - second["last_poll_at"]).total_seconds() <= 20.5
+
+
+async def test_metrics_show_how_many_waiting_instances_hold_a_qr_within_its_life(env: Env) -> None:
+    env.add("fresh")
+    env.add("never", sim_state=None)  # Evolution does not know it: no QR, ever
+    async with running_service(env.settings(http_port=0)) as service, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{service.http_port}/metrics"
+
+        async def gauges() -> dict[str, float]:
+            async with http.get(url) as resp:
+                text = await resp.text()
+            return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith(("pgqr_waiting_instances ", "pgqr_qr_valid_instances "))}
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while (seen := await gauges()) != {"pgqr_waiting_instances": 2.0, "pgqr_qr_valid_instances": 1.0}:
+            assert asyncio.get_running_loop().time() < deadline, seen
+            await asyncio.sleep(0.2)

@@ -302,7 +302,7 @@ async def test_no_secret_reaches_the_logs_and_every_log_line_has_an_action(
     async with aiohttp.ClientSession() as http:
         base = f"http://127.0.0.1:{port}"
         async with http.post(f"{base}/webhooks/evolution/{hook_secret}x", json={}) as resp:
-            assert resp.status == 404
+            assert resp.status == 401  # a wrong secret (issue 12), refused without echoing it
         async with http.get(f"{base}/metrics") as resp:
             assert resp.status == 200
     proc.send_signal(signal.SIGTERM)

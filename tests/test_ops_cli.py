@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-from datetime import timedelta
+from collections.abc import AsyncIterator
 
+import aiohttp
 import psycopg
 import pytest
+from aiohttp import web
 from conftest import Database, run_pgqr
+from sim_fixtures import serve
 
-from pgqr import ops
-from pgqr.config import ConfigError
+from pgqr import tokens
 from pgqr.simulator import Simulator
 
 TOKEN = "instance-token-" + "z" * 12
@@ -45,8 +47,8 @@ def test_status_prints_each_instance_as_a_table(migrated: Database) -> None:
     result = pgqr(migrated, "status")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["INSTANCE", "STATUS", "QR", "AGE", "LAST", "ATTEMPT", "OUTCOME", "FAILURES",
-                                "NEXT", "ATTEMPT", "LEASE"]
+    assert lines[0].split() == ["INSTANCE", "STATUS", "QR", "AGE", "QR", "EXPIRES", "LAST", "ATTEMPT", "OUTCOME",
+                                "FAILURES", "NEXT", "ATTEMPT", "LEASE"]
     assert lines[1].split()[:2] == ["alpha", "connecting"] and lines[2].split()[:2] == ["beta", "connected"]
     assert "listeners: 1 live" in result.stdout and "jobs: 4/4 active" in result.stdout
     assert TOKEN not in result.stdout
@@ -63,7 +65,7 @@ def test_status_json_is_the_pgqr_status_document(migrated: Database) -> None:
     assert {j["name"] for j in doc["jobs"]} == {"pgqr-tick", "pgqr-alerts", "pgqr-housekeeping",
                                                 "pgqr-cron-history"}
     assert doc["last_tick_at"] is not None and doc["alerts_firing"] == [] and doc["listeners"] == []
-    assert TOKEN not in result.stdout and "token" not in result.stdout
+    assert TOKEN not in result.stdout and '"token":' not in result.stdout
 
 
 def test_status_on_a_database_without_pgqr_says_to_migrate(db: Database) -> None:
@@ -83,6 +85,7 @@ def test_commands_without_a_database_url_exit_2() -> None:
 
 
 async def test_doctor_passes_every_check_on_a_healthy_installation(migrated: Database, simulator: Simulator) -> None:
+    simulator.add_instance("alpha", TOKEN)
     add(migrated, "alpha")
     migrated.query("SELECT pgqr.heartbeat('h:1:x', 'h', 1, '0.1.0')")
     result = await asyncio.to_thread(
@@ -90,7 +93,8 @@ async def test_doctor_passes_every_check_on_a_healthy_installation(migrated: Dat
     assert result.returncode == 0, result.stdout + result.stderr
     checks = result.stdout.splitlines()[:-1]
     assert [c.split()[1].rstrip(":") for c in checks] == [
-        "pg_cron", "schema", "jobs", "job", "listener", "tokens", "evolution"]
+        "pg_cron", "schema", "jobs", "job", "binding", "names", "listener", "listen", "tokens", "evolution",
+        "instances", "webhooks"]
     assert all(c.startswith("PASS") for c in checks)
     assert "lives in database postgres" in result.stdout
     assert simulator.config.api_key not in result.stdout + result.stderr
@@ -103,7 +107,7 @@ async def test_doctor_explains_each_failure_with_its_fix(migrated: Database, sim
     assert result.returncode == 1
     lines = {line.split()[1].rstrip(":"): line for line in result.stdout.splitlines() if line[:4] in ("PASS", "FAIL")}
     assert lines["listener"].startswith("FAIL") and "fix: start `pgqr run`" in lines["listener"]
-    assert lines["tokens"].startswith("FAIL") and "1 instance(s) have no instance_token" in lines["tokens"]
+    assert lines["tokens"].startswith("FAIL") and "1 instance(s) have no token of their own" in lines["tokens"]
     assert "fix: set EVOLUTION_API_KEY" in lines["tokens"]
     assert lines["evolution"].startswith("PASS")  # reachable; nothing to check the key with
     assert lines["jobs"].startswith("PASS")
@@ -120,6 +124,245 @@ async def test_doctor_fails_on_a_wrong_key_and_on_paused_jobs(migrated: Database
     assert lines["evolution"].startswith("FAIL") and "rejects EVOLUTION_API_KEY" in lines["evolution"]
     assert lines["jobs"].startswith("FAIL") and "fix: run `pgqr resume`" in lines["jobs"]
     assert "wrong-key-123" not in result.stdout + result.stderr
+
+
+def checks(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """doctor's lines by check name."""
+    return {line.split()[1].rstrip(":"): line for line in result.stdout.splitlines() if line[:4] in ("PASS", "FAIL")}
+
+
+async def doctor(db: Database, **env: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(pgqr, db, "doctor", **env)
+
+
+async def test_doctor_fails_an_instance_token_in_evolution_api_key_when_rows_need_the_global_key(
+        migrated: Database, simulator: Simulator) -> None:
+    simulator.add_instance("alpha", TOKEN)
+    simulator.add_instance("beta")
+    add(migrated, "alpha")
+    add(migrated, "beta", token=None)
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, EVOLUTION_API_KEY=TOKEN)
+    line = checks(result)["evolution"]
+    assert result.returncode == 1
+    assert line.startswith("FAIL") and "instance 'alpha''s token, not the global key" in line
+    assert "1 instance(s) without a token of their own get 401" in line
+    assert "fix: set EVOLUTION_API_KEY to Evolution's global key" in line
+    assert TOKEN not in result.stdout + result.stderr
+    # the control: the global key is told apart and named
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, EVOLUTION_API_KEY=simulator.config.api_key)
+    assert checks(result)["evolution"].startswith(f"PASS  evolution: {simulator.base_url} accepts EVOLUTION_API_KEY "
+                                                  "as the global key")
+
+
+async def test_doctor_passes_an_instance_token_in_evolution_api_key_when_every_row_has_its_own(
+        migrated: Database, simulator: Simulator) -> None:
+    simulator.add_instance("alpha", TOKEN)
+    add(migrated, "alpha")
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, EVOLUTION_API_KEY=TOKEN)
+    line = checks(result)["evolution"]
+    assert line.startswith("PASS") and "instance 'alpha''s token" in line and "it is not used" in line
+
+
+async def test_doctor_names_wrong_row_tokens_and_names_evolution_does_not_know(
+        migrated: Database, simulator: Simulator) -> None:
+    simulator.add_instance("alpha", TOKEN)
+    simulator.add_instance("beta", "the-real-TOKEN-of-beta")
+    add(migrated, "alpha")
+    add(migrated, "beta", token="a-wrong-TOKEN-for-beta")
+    ghosts = [f"ghost-{i:02d}" for i in range(12)]
+    for name in ghosts:
+        add(migrated, name)
+    add(migrated, "done", token="never-checked", status="connected")  # not waiting: not called
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, EVOLUTION_API_KEY=simulator.config.api_key)
+    line = checks(result)["instances"]
+    assert result.returncode == 1 and line.startswith("FAIL")
+    assert f"13 of 14 waiting instance(s) will fail: at {simulator.base_url}: 1 wrong token (401): beta; " in line
+    assert "12 unknown to Evolution (404): " + ", ".join(ghosts[:10]) + " (+2 more)" in line
+    assert "fix: put the instance's own Evolution token" in line and "create the instance in Evolution" in line
+    for secret in ("the-real-TOKEN-of-beta", "a-wrong-TOKEN-for-beta", TOKEN, simulator.config.api_key):
+        assert secret not in result.stdout + result.stderr
+    assert simulator.stats("alpha").connect_calls == 0  # connectionState only: no socket was started
+    # the control: with the right token every waiting row passes
+    migrated.query("UPDATE public.evolution_instances SET instance_token = 'the-real-TOKEN-of-beta' "
+                   "WHERE instance_name = 'beta'")
+    migrated.query("DELETE FROM public.evolution_instances WHERE instance_name LIKE 'ghost-%'")
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, EVOLUTION_API_KEY=simulator.config.api_key)
+    assert checks(result)["instances"].startswith("PASS  instances: 2 waiting instance(s) known to Evolution")
+
+
+@pytest.fixture
+async def behind_a_path(simulator: Simulator) -> AsyncIterator[str]:
+    """The simulator behind a reverse proxy at /api (as Evolution often is); yields the proxy's base URL."""
+
+    async def forward(request: web.Request) -> web.Response:
+        async with aiohttp.ClientSession() as http, http.request(
+                request.method, f"{simulator.base_url}/{request.match_info['tail']}",
+                headers={"apikey": request.headers.get("apikey", "")}, data=await request.read()) as resp:
+            return web.Response(status=resp.status, body=await resp.read(), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/api/{tail:.*}", forward)
+    async with serve(app) as base:
+        yield base + "/api"
+
+
+async def test_doctor_shows_the_whole_base_url_with_its_path_and_without_credentials(
+        migrated: Database, simulator: Simulator, behind_a_path: str) -> None:
+    simulator.add_instance("alpha", TOKEN)
+    add(migrated, "alpha")
+    migrated.query("SELECT pgqr.heartbeat('h:1:x', 'h', 1, '0.1.0')")
+    with_credentials = behind_a_path.replace("http://", "http://admin:pa55word@")
+    result = await doctor(migrated, EVOLUTION_API_URL=with_credentials, EVOLUTION_API_KEY=simulator.config.api_key)
+    assert result.returncode == 0, result.stdout
+    lines = checks(result)
+    assert f"{behind_a_path} accepts EVOLUTION_API_KEY as the global key" in lines["evolution"]
+    assert f"at {behind_a_path}" in lines["instances"]
+    assert "pa55word" not in result.stdout + result.stderr and "admin" not in result.stdout
+    # the same server without its path: every message says which URL failed
+    bare = behind_a_path.removesuffix("/api")
+    result = await doctor(migrated, EVOLUTION_API_URL=bare, EVOLUTION_API_KEY=simulator.config.api_key)
+    lines = checks(result)
+    assert lines["evolution"].startswith(f"FAIL  evolution: {bare} is not usable: not_found")
+    assert lines["instances"].startswith(f"FAIL  instances: 1 of 1 waiting instance(s) will fail: at {bare}: ")
+
+
+# --------------------------------------------------------------------------------------- webhooks register
+
+SECRET = "hook-SECRET-5e6f7a"
+PUBLIC = "http://pgqr.internal:8080"
+
+
+async def find_webhook(simulator: Simulator, name: str) -> dict[str, object] | None:
+    """What the simulator stores for the instance (GET /webhook/find, as Evolution answers it)."""
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{simulator.base_url}/webhook/find/{name}", headers={"apikey": simulator.config.api_key}) as resp:
+        assert resp.status == 200
+        found: dict[str, object] | None = await resp.json()
+        return found
+
+
+async def register(db: Database, simulator: Simulator, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    values = {"EVOLUTION_API_URL": simulator.base_url, "PGQR_WEBHOOK_SECRET": SECRET, "PGQR_PUBLIC_URL": PUBLIC,
+              **env}
+    result = await asyncio.to_thread(pgqr, db, "webhooks", "register", *args, **values)
+    for secret in (SECRET, TOKEN, simulator.config.api_key, *(tokens.derive(SECRET, n) for n in simulator.instances)):
+        assert secret not in result.stdout + result.stderr
+    return result
+
+
+def registered_for(name: str) -> dict[str, object]:
+    return {"url": f"{PUBLIC}/webhooks/evolution", "enabled": True, "events": ["QRCODE_UPDATED", "CONNECTION_UPDATE"],
+            "headers": {tokens.HEADER: tokens.derive(SECRET, name)}, "webhookByEvents": False}
+
+
+def stored(found: dict[str, object] | None) -> dict[str, object] | None:
+    keys = ("url", "enabled", "events", "headers", "webhookByEvents")
+    return None if found is None else {k: found[k] for k in keys}
+
+
+async def test_webhooks_register_sets_one_instances_webhook_with_its_derived_token(
+        migrated: Database, simulator: Simulator) -> None:
+    simulator.add_instance("alpha", TOKEN)
+    simulator.add_instance("beta", "token-of-beta-" + "b" * 8)
+    add(migrated, "alpha")
+    add(migrated, "beta", token="token-of-beta-" + "b" * 8)
+    result = await register(migrated, simulator, "--instance", "alpha")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["alpha\tok\tset (was: missing)",
+                                          f"1 instance(s): 1 point at {PUBLIC}/webhooks/evolution, 0 failed"]
+    assert stored(await find_webhook(simulator, "alpha")) == registered_for("alpha")
+    assert await find_webhook(simulator, "beta") is None
+
+
+async def test_webhooks_register_all_is_idempotent(migrated: Database, simulator: Simulator) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        simulator.add_instance(name, f"{name}-{TOKEN}")
+        add(migrated, name, token=f"{name}-{TOKEN}")
+    first = await register(migrated, simulator, "--all")
+    assert first.returncode == 0, first.stdout + first.stderr
+    rows = {n: await find_webhook(simulator, n) for n in ("alpha", "beta", "gamma")}
+    assert {n: stored(r) for n, r in rows.items()} == {n: registered_for(n) for n in rows}
+    again = await register(migrated, simulator, "--all")
+    assert again.returncode == 0
+    assert [line.split("\t")[2] for line in again.stdout.splitlines()[:3]] == ["set (was: already pointed at pgqr)"] * 3
+    for name, row in rows.items():
+        now = await find_webhook(simulator, name)
+        assert now is not None and row is not None
+        assert stored(now) == stored(row) and now["id"] == row["id"]  # the same row, set again
+
+
+async def test_webhooks_register_dry_run_changes_nothing(migrated: Database, simulator: Simulator) -> None:
+    simulator.add_instance("alpha", TOKEN)
+    add(migrated, "alpha")
+    result = await register(migrated, simulator, "--all", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines() == ["alpha\tok\twould set (now: missing)",
+                                          f"1 instance(s): 1 would point at {PUBLIC}/webhooks/evolution, 0 failed"]
+    assert await find_webhook(simulator, "alpha") is None
+
+
+async def test_webhooks_register_reports_each_failed_instance_and_exits_1(
+        migrated: Database, simulator: Simulator) -> None:
+    simulator.add_instance("alpha", TOKEN)
+    simulator.add_instance("beta", "the-real-TOKEN-of-beta")
+    simulator.add_instance("gamma")
+    add(migrated, "alpha")
+    add(migrated, "beta", token="a-wrong-TOKEN-for-beta")
+    add(migrated, "gamma", token=None)
+    add(migrated, "ghost")
+    result = await register(migrated, simulator, "--all")
+    assert result.returncode == 1
+    lines = dict(line.split("\t", 1) for line in result.stdout.splitlines()[:-1])
+    assert lines["alpha"] == "ok\tset (was: missing)"
+    assert lines["beta"].startswith(f"FAILED\tcannot read its webhook at {simulator.base_url}: unauthorized")
+    assert lines["gamma"] == "FAILED\tno token of its own and EVOLUTION_API_KEY is not set"
+    assert lines["ghost"].startswith("FAILED") and "not_found" in lines["ghost"]
+    assert result.stdout.splitlines()[-1].endswith("1 point at http://pgqr.internal:8080/webhooks/evolution, 3 failed")
+    assert "a-wrong-TOKEN-for-beta" not in result.stdout
+    # the control: with the global key the token-less row is set too
+    result = await register(migrated, simulator, "--instance", "gamma", EVOLUTION_API_KEY=simulator.config.api_key)
+    assert result.returncode == 0 and stored(await find_webhook(simulator, "gamma")) == registered_for("gamma")
+
+
+async def test_webhooks_register_needs_a_public_url_and_a_secret(migrated: Database, simulator: Simulator) -> None:
+    simulator.add_instance("alpha", TOKEN)
+    add(migrated, "alpha")
+    for missing in ("PGQR_PUBLIC_URL", "PGQR_WEBHOOK_SECRET"):
+        result = await register(migrated, simulator, "--all", **{missing: ""})
+        assert result.returncode == 2 and missing in result.stderr
+    result = await register(migrated, simulator, "--instance", "nobody")
+    assert result.returncode == 1 and "no instance named 'nobody'" in result.stdout
+    assert await find_webhook(simulator, "alpha") is None
+
+
+async def test_doctor_reports_instances_whose_webhook_is_missing_or_points_elsewhere(
+        migrated: Database, simulator: Simulator) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        simulator.add_instance(name, f"{name}-{TOKEN}")
+        add(migrated, name, token=f"{name}-{TOKEN}")
+    hooks_env = {"PGQR_WEBHOOK_SECRET": SECRET, "PGQR_PUBLIC_URL": PUBLIC}
+    assert (await register(migrated, simulator, "--instance", "alpha")).returncode == 0
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{simulator.base_url}/webhook/set/gamma", headers={"apikey": simulator.config.api_key},
+            json={"webhook": {"enabled": True, "url": "http://elsewhere.example/hook", "events": []}}) as resp:
+        assert resp.status == 201
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, **hooks_env)
+    line = checks(result)["webhooks"]
+    assert result.returncode == 1 and line.startswith("FAIL")
+    assert f"2 of 3 waiting instance(s) send no webhook to {PUBLIC}/webhooks/evolution" in line
+    assert f"at {simulator.base_url}: 1 missing: beta; 1 points elsewhere: gamma" in line
+    assert "fix: run `pgqr webhooks register --all`" in line
+    # the controls: registered, every instance passes; with the global webhook doctor says it cannot see it
+    assert (await register(migrated, simulator, "--all")).returncode == 0
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, **hooks_env)
+    assert checks(result)["webhooks"].startswith("PASS  webhooks: 3 waiting instance(s)")
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, PGQR_GLOBAL_WEBHOOK="true", **hooks_env)
+    assert checks(result)["webhooks"].startswith("PASS  webhooks: PGQR_GLOBAL_WEBHOOK=true")
+    assert "doctor cannot see it" in checks(result)["webhooks"]
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, PGQR_GLOBAL_WEBHOOK="true",
+                          PGQR_WEBHOOK_JWT_KEY="k" * 32, **hooks_env)
+    assert checks(result)["webhooks"].startswith("FAIL") and "sends no Authorization header" in result.stdout
+    assert SECRET not in result.stdout and "k" * 32 not in result.stdout
 
 
 def test_doctor_reports_a_failed_last_job_run(migrated: Database) -> None:
@@ -197,10 +440,12 @@ def test_uninstall_unschedules_but_keeps_everything_working(migrated: Database) 
     assert result.returncode == 0, result.stderr
     assert cron_jobs(migrated) == {}
     assert migrated.value("SELECT to_regclass('pgqr.jobs') IS NOT NULL") is True
-    add(migrated, "beta")  # the trigger still works
-    assert migrated.value("SELECT count(*) FROM pgqr.instance_state") == 2
-    assert pgqr(migrated, "migrate").returncode == 0  # and migrate schedules again
+    add(migrated, "beta")  # the app's writes behave as before install: no trigger, no state row
+    assert migrated.value("SELECT count(*) FROM pgqr.instance_state") == 1
+    assert pgqr(migrated, "migrate").returncode == 0  # migrate schedules again and installs the trigger
     assert len(cron_jobs(migrated)) == 4
+    migrated.query("SELECT pgqr.tick()")  # the tick's sync picks up what was written meanwhile
+    assert migrated.value("SELECT count(*) FROM pgqr.instance_state") == 2
 
 
 def test_uninstall_drop_data_drops_schema_and_trigger_but_never_instance_rows(migrated: Database) -> None:
@@ -222,11 +467,12 @@ def test_uninstall_drop_data_drops_schema_and_trigger_but_never_instance_rows(mi
     assert migrated.value("SELECT count(*) FROM pgqr.instance_state") == 2
 
 
-def test_every_accepts_a_number_and_a_unit_only() -> None:
-    assert ops.parse_every("30s") == timedelta(seconds=30)
-    assert ops.parse_every(" 5 Minutes ") == timedelta(minutes=5)
-    assert ops.parse_every("2h") == timedelta(hours=2)
-    assert ops.parse_every("1 day") == timedelta(days=1)
-    for bad in ("0s", "5", "fortnight", "1.5 minutes", "-1m", "7 fortnights"):
-        with pytest.raises(ConfigError):
-            ops.parse_every(bad)
+def test_every_is_an_interval_postgresql_parses(quiet: Database) -> None:
+    for every, expression in (("5m", "*/5 * * * *"), (" 2 Hours ", "0 */2 * * *"), ("1 day", "0 0 * * *"),
+                              ("1 minute", "* * * * *")):
+        result = pgqr(quiet, "schedule", "--every", every)
+        assert (result.returncode, result.stdout.strip()) == (0, f"pgqr-tick now runs on schedule '{expression}'")
+    for bad in ("0s", "fortnight", "1.5 minutes", "-1m", "7 fortnights", "30s"):
+        result = pgqr(quiet, "schedule", f"--every={bad}")
+        assert result.returncode == 2 and result.stdout == "", (bad, result.stdout)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -1,0 +1,394 @@
+"""`pgqr doctor`: a list of typed checks, each a finding with its fix; all must pass for a healthy installation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from . import cron, hooks, migrations
+from .admin import Conn, connect, cron_version, installed
+from .errors import ConfigurationError
+from .evolution import EvolutionClient, EvolutionState, Failure, display_url
+from .hooks import Target, names_text
+from .settings import Settings, first_line, reveal
+from .status import describe_binding
+
+
+@dataclass(frozen=True)
+class Check:
+    """One doctor finding: `fix` says what to do when it failed."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        if self.ok:
+            return f"PASS  {self.name}: {self.detail}"
+        return f"FAIL  {self.name}: {self.detail}" + (f" -> fix: {self.fix}" if self.fix else "")
+
+
+def doctor(settings: Settings) -> list[Check]:
+    """Every check, in order; all must pass for a healthy installation. A check the role cannot run (a
+    permission it lacks) fails with what the database said, and the others still run."""
+    checks: list[Check] = []
+    rows: list[Target] = []
+
+    def guarded(name: str, check: Callable[[], object]) -> object:
+        try:
+            return check()
+        except psycopg.Error as exc:
+            checks.append(Check(name, False, f"could not check: {first_line(exc)}",
+                                f"run `pgqr doctor` as a role that may (role {settings_user(settings)})"))
+            return None
+
+    with connect(settings) as conn:
+        setup = guarded("pg_cron", lambda: _check_pg_cron(conn, settings, checks))
+        installed = bool(guarded("schema", lambda: _check_schema(conn, checks)))
+        if installed and isinstance(setup, cron.CronSetup):
+            guarded("jobs", lambda: _check_jobs(conn, settings, setup, checks))
+        elif installed:
+            checks.append(Check("jobs", False, "cannot check the jobs without pg_cron",
+                                "see the pg_cron check"))
+        if installed:
+            guarded("binding", lambda: _check_binding(conn, checks))
+            guarded("names", lambda: _check_names(conn, settings, checks))
+            guarded("listener", lambda: _check_listener(conn, checks))
+            guarded("listen", lambda: _check_listen(conn, checks))
+            guarded("tokens", lambda: _check_tokens(conn, settings, checks))
+            rows = guarded("instances", lambda: hooks.targets(conn, settings)) or []  # type: ignore[assignment]
+    checks += asyncio.run(_check_evolution(settings, rows))
+    return checks
+
+
+def settings_user(settings: Settings) -> str:
+    return str(conninfo_to_dict(settings.dsn).get("user") or "of DATABASE_URL")
+
+
+def _check_pg_cron(conn: Conn, settings: Settings, checks: list[Check]) -> cron.CronSetup | None:
+    try:
+        setup = cron.cron_setup(conn)
+    except ConfigurationError as exc:
+        checks.append(Check("pg_cron", False, "not in shared_preload_libraries", str(exc)))
+        return None
+    try:
+        version = cron_version(settings.dsn, setup)
+    except psycopg.OperationalError:
+        checks.append(Check("pg_cron", False,
+                            f"preloaded, but its database {setup.cron_database} is unreachable",
+                            f"create database {setup.cron_database} or set cron.database_name"))
+        return None
+    if version is None:
+        checks.append(Check("pg_cron", False,
+                            f"preloaded, but the extension is missing in {setup.cron_database}",
+                            "run `pgqr migrate` (it creates the extension)"))
+        return None
+    where = "this database" if setup.same_database else f"database {setup.cron_database}"
+    checks.append(Check("pg_cron", True, f"preloaded, version {version}, lives in {where}"))
+    return setup
+
+
+def _check_schema(conn: Conn, checks: list[Check]) -> bool:
+    if not installed(conn):
+        checks.append(Check("schema", False, f"pgqr is not installed in database {conn.info.dbname}",
+                            "run `pgqr migrate`"))
+        return False
+    pending = migrations.plan(conn, migrations.load()).pending
+    if pending:
+        checks.append(Check("schema", False, f"{len(pending)} migration(s) pending ({pending[0].name}, ...)",
+                            "run `pgqr migrate`"))
+    else:
+        checks.append(Check("schema", True, "pgqr schema is up to date"))
+    return True
+
+
+def _check_jobs(conn: Conn, settings: Settings, setup: cron.CronSetup, checks: list[Check]) -> None:
+    jobs = cron.wanted_jobs(conn)
+    names = [setup.jobname(j.name) for j in jobs]
+    with cron.connect(cron.cron_conninfo(settings.dsn, setup)) as cron_db:
+        found = {
+            str(name): (str(schedule), bool(active), str(database))
+            for name, schedule, active, database in cron_db.execute(
+                "SELECT jobname, schedule, active, database FROM cron.job WHERE jobname = ANY(%s)", (names,)
+            )
+        }
+        failed = cron_db.execute(
+            """SELECT DISTINCT ON (j.jobname) j.jobname, d.status, d.return_message
+               FROM cron.job j JOIN cron.job_run_details d ON d.jobid = j.jobid
+               WHERE j.jobname = ANY(%s) AND d.status IN ('succeeded', 'failed')
+               ORDER BY j.jobname, d.start_time DESC""",
+            (names,),
+        ).fetchall()
+    missing = [n for n in names if n not in found]
+    changed = [
+        setup.jobname(j.name) for j in jobs
+        if (got := found.get(setup.jobname(j.name))) and (got[0], got[2]) != (j.schedule, j.database(setup))
+    ]
+    paused = [setup.jobname(j.name) for j in jobs if not j.active]
+    inactive = [n for n, (_, active, _) in found.items() if not active]
+    if missing or changed:
+        checks.append(Check("jobs", False, f"not scheduled as pgqr.jobs says: {', '.join(missing + changed)}",
+                            "run `pgqr migrate`"))
+    elif paused or inactive:
+        checks.append(Check("jobs", False, f"paused: {', '.join(sorted(set(paused + inactive)))}",
+                            "run `pgqr resume`"))
+    else:
+        checks.append(Check("jobs", True, f"{len(names)} jobs scheduled and active in {setup.cron_database}"))
+    bad = [(str(n), str(m or "").strip().splitlines()[0][:200] if m else "") for n, s, m in failed
+           if s == "failed"]
+    if bad:
+        checks.append(Check(
+            "job runs", False, "last run failed: " + "; ".join(f"{n}: {m}" for n, m in bad),
+            f"read cron.job_run_details in database {setup.cron_database} (or SELECT * FROM pgqr.cron_runs)",
+        ))
+    else:
+        checks.append(Check("job runs", True, f"no failed last run among {len(failed)} job(s) that ran"))
+
+
+def _check_binding(conn: Conn, checks: list[Check]) -> None:
+    row = conn.execute(
+        """SELECT to_jsonb(b) - 'singleton', to_regclass(b.table_name) IS NOT NULL,
+                  EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = to_regclass(b.table_name)
+                          AND t.tgname = 'pgqr_instance_change')
+           FROM pgqr.binding b""").fetchone()
+    if row is None:
+        checks.append(Check("binding", False, "no table is bound", "run `pgqr bind --table ...`"))
+        return
+    binding, exists, triggered = row
+    if not exists:
+        checks.append(Check("binding", False, f"{binding['table_name']} no longer exists",
+                            "run `pgqr bind --table ...` with the app's instances table"))
+    elif not triggered:
+        checks.append(Check("binding", False, f"pgqr's trigger is missing on {binding['table_name']}",
+                            "run `pgqr migrate` (it installs the trigger again)"))
+    elif hidden := _rows_hidden_by_rls(conn, binding["table_name"]):
+        checks.append(Check("binding", False, hidden,
+                            "connect as the table's owner, a superuser or a BYPASSRLS role (Supabase: postgres)"))
+    else:
+        checks.append(Check("binding", True, describe_binding(binding)))
+
+
+def _rows_hidden_by_rls(conn: Conn, table: str) -> str | None:
+    """Row-level security that hides rows from pgqr's role: pgqr would neither poll nor write them."""
+    row = conn.execute(
+        """SELECT c.relrowsecurity AND (c.relforcerowsecurity OR c.relowner <> r.oid) AND NOT r.rolbypassrls
+                  AND NOT r.rolsuper
+           FROM pg_class c, pg_roles r WHERE c.oid = to_regclass(%s) AND r.rolname = current_user""",
+        (table,)).fetchone()
+    if row and row[0]:
+        return f"{table} has row-level security and role {conn.info.user} is subject to it: pgqr sees only " \
+               "the rows its policies allow"
+    return None
+
+
+def _check_names(conn: Conn, settings: Settings, checks: list[Check]) -> None:
+    """Evolution's instance names are unique per server: two rows with one name and one server are one
+    Evolution instance, which both would poll and whose webhooks cannot tell them apart."""
+    rows = conn.execute(
+        """SELECT a.name, count(*) FROM pgqr.app_instances a
+           GROUP BY a.name, rtrim(coalesce(nullif(a.url, ''), %s), '/')
+           HAVING count(*) > 1 ORDER BY count(*) DESC, a.name LIMIT 6""",
+        (settings.default_evolution_url,)).fetchall()
+    if not rows:
+        checks.append(Check("names", True, "no two rows share an instance name on one Evolution server"))
+        return
+    shown = ", ".join(f"{_clip(str(name))} ({count} rows)" for name, count in rows[:5])
+    more = " and more" if len(rows) > 5 else ""
+    checks.append(Check("names", False, f"rows share an instance name on one Evolution server: {shown}{more}",
+                        "give each row its own instance name, or its own server in the URL column"))
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _check_listener(conn: Conn, checks: list[Check]) -> None:
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE live), count(*), min(heartbeat_age) FROM pgqr.listeners"
+    ).fetchone()
+    live, running, youngest = (row or (0, 0, None))
+    if live:
+        checks.append(Check("listener", True, f"{live} live listener(s)"))
+    elif running:
+        checks.append(Check("listener", False, f"no live listener; {running} went silent, last heartbeat "
+                            f"{int(youngest.total_seconds())}s ago", "restart `pgqr run` and read its log"))
+    else:
+        checks.append(Check("listener", False, "no listener is running", "start `pgqr run`"))
+
+
+LISTEN_FIX = ("set PGQR_LISTEN_DATABASE_URL to a direct or session-mode URL of this database (Supabase: port "
+              "5432, not the transaction pooler's 6543) and restart `pgqr run`")
+
+
+def _check_listen(conn: Conn, checks: list[Check]) -> None:
+    """Live listeners whose LISTEN does not deliver (listen_ok = false in their heartbeat) serve by polling only."""
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE listen_ok IS FALSE), count(*), "
+        "       string_agg(host || ':' || pid, ', ' ORDER BY host, pid) FILTER (WHERE listen_ok IS FALSE) "
+        "FROM pgqr.listeners WHERE live"
+    ).fetchone()
+    failing, live, which = row or (0, 0, None)
+    if failing:
+        checks.append(Check("listen", False, f"{failing} of {live} live listener(s) get no notifications ({which}): "
+                            "their LISTEN goes through a transaction-mode pooler, so they poll every second "
+                            "instead", LISTEN_FIX))
+    else:
+        checks.append(Check("listen", True, f"notifications reach all {live} live listener(s)"))
+
+
+def _check_tokens(conn: Conn, settings: Settings, checks: list[Check]) -> None:
+    if settings.evolution_api_key:
+        checks.append(Check("tokens", True, "EVOLUTION_API_KEY is set; it serves instances without a token"))
+        return
+    row = conn.execute(
+        "SELECT count(*) FROM pgqr.app_instances WHERE coalesce(token, '') = ''"
+    ).fetchone()
+    missing = int(row[0]) if row else 0
+    if missing:
+        checks.append(Check("tokens", False,
+                            f"{missing} instance(s) have no token of their own and EVOLUTION_API_KEY is not set",
+                            "set EVOLUTION_API_KEY, or fill the binding's token column"))
+    else:
+        checks.append(Check("tokens", True, "every instance has a token of its own"))
+
+
+async def _check_evolution(settings: Settings, rows: list[Target]) -> list[Check]:
+    """What will fail at Evolution: the key, each waiting row's token and name, each waiting row's webhook."""
+    waiting = [r for r in rows if r.waiting]
+    async with hooks.client(settings) as http:
+        checks = [await _check_key(http, settings, rows)]
+        states = await hooks.each(waiting, lambda t: _state(http, t))
+        checks.append(_check_instances(waiting, states))
+        checks.append(await _check_webhooks(http, settings, waiting, states))
+    return checks
+
+
+async def _check_key(http: EvolutionClient, settings: Settings, rows: list[Target]) -> Check:
+    """Reachable, accepted, and a global key rather than one instance's token (fetchInstances shows a global key
+    every instance, an instance token only its own row: evolution-api.md section 9)."""
+    if not settings.evolution_api_url:
+        return Check("evolution", False, "EVOLUTION_API_URL is not set",
+                     "set EVOLUTION_API_URL to your Evolution API server, like http://localhost:8080")
+    base, key = settings.evolution_api_url.reveal(), reveal(settings.evolution_api_key) or ""
+    where = display_url(base)
+    listed = await http.fetch_instances(base, key)
+    if isinstance(listed, Failure):
+        if listed.error_class == "unauthorized" and not key:
+            return Check("evolution", True, f"{where} is reachable (no EVOLUTION_API_KEY to check; instance "
+                                            "tokens are used)")
+        if listed.error_class == "unauthorized":
+            return Check("evolution", False, f"{where} rejects EVOLUTION_API_KEY ({listed.detail})",
+                         "set EVOLUTION_API_KEY to the server's AUTHENTICATION_API_KEY")
+        return Check("evolution", False, f"{where} is not usable: {listed.error_class}: {listed.detail}",
+                     "check EVOLUTION_API_URL (with its path, if Evolution is behind one) and that the server is up")
+    if listed.key_scope == "global":
+        return Check("evolution", True, f"{where} accepts EVOLUTION_API_KEY as the global key "
+                                        f"({len(listed.rows)} instance(s) in Evolution)")
+    if listed.key_scope == "unknown":
+        return Check("evolution", True, f"{where} accepts EVOLUTION_API_KEY; it lists no instances, so a global "
+                                        "key cannot be told from an instance token")
+    owner = listed.rows[0].name
+    without = sum(not r.own_token for r in rows)
+    what = f"EVOLUTION_API_KEY is instance {owner!r}'s token, not the global key ({where} shows it only that instance)"
+    if without:
+        return Check("evolution", False, f"{what}: the {without} instance(s) without a token of their own get 401",
+                     "set EVOLUTION_API_KEY to Evolution's global key (AUTHENTICATION_API_KEY), or give every row "
+                     "its own token")
+    return Check("evolution", True, f"{what}; every row has a token of its own, so it is not used")
+
+
+async def _state(http: EvolutionClient, target: Target) -> EvolutionState | Failure | None:
+    """connectionState (no side effect) with the row's own key; None when the row cannot be called at all."""
+    if target.problem() is not None or target.base_url is None or target.apikey is None:
+        return None
+    return await http.connection_state(target.base_url, target.name, target.apikey)
+
+
+_FIXES = {
+    "wrong token (401)": "put the instance's own Evolution token (create's `hash`) in the row's token column, or "
+                         "clear it to use EVOLUTION_API_KEY",
+    "unknown to Evolution (404)": "create the instance in Evolution, or fix the row's name or URL",
+    "route not found (check the base URL)": "fix the base URL (with its path, if Evolution is behind one)",
+    "cannot be called (no Evolution URL or key)": "set EVOLUTION_API_URL and EVOLUTION_API_KEY, or the row's URL "
+                                                  "and token",
+}
+
+
+def _kind(state: EvolutionState | Failure | None) -> str | None:
+    if state is None:
+        return "cannot be called (no Evolution URL or key)"
+    if not isinstance(state, Failure):
+        return None
+    if state.error_class == "unauthorized":
+        return "wrong token (401)"
+    if state.error_class == "not_found":
+        return "route not found (check the base URL)" if "route" in state.detail else "unknown to Evolution (404)"
+    return f"{state.error_class}: {state.detail}"
+
+
+def _grouped(problems: list[tuple[Target, str]]) -> str:
+    """`at <base URL>: <n> <kind>: a, b, ...; ...`, grouped by the base URL each row was called at."""
+    by_where: dict[str, dict[str, list[str]]] = {}
+    for target, kind in problems:
+        by_where.setdefault(target.where, {}).setdefault(kind, []).append(target.name)
+    return "; ".join(
+        f"at {where}: " + "; ".join(f"{len(names)} {kind}: {names_text(names)}" for kind, names in kinds.items())
+        for where, kinds in by_where.items())
+
+
+def _places(targets: list[Target]) -> str:
+    return ", ".join(sorted({t.where for t in targets}))
+
+
+def _check_instances(waiting: list[Target], states: list[EvolutionState | Failure | None]) -> Check:
+    if not waiting:
+        return Check("instances", True, "no waiting instance to check")
+    problems = [(t, kind) for t, s in zip(waiting, states, strict=True) if (kind := _kind(s)) is not None]
+    if not problems:
+        return Check("instances", True, f"{len(waiting)} waiting instance(s) known to Evolution and accepted with "
+                                        f"their keys at {_places(waiting)}")
+    fixes = dict.fromkeys(_FIXES.get(kind, "check the Evolution server") for _, kind in problems)
+    return Check("instances", False, f"{len(problems)} of {len(waiting)} waiting instance(s) will fail: "
+                 + _grouped(problems), "; ".join(fixes))
+
+
+async def _check_webhooks(http: EvolutionClient, settings: Settings, waiting: list[Target],
+                          states: list[EvolutionState | Failure | None]) -> Check:
+    if not settings.webhook_secret or not settings.webhook_secret.reveal():
+        return Check("webhooks", True, "off: PGQR_WEBHOOK_SECRET is not set, so QRs arrive by polling only")
+    if settings.global_webhook:
+        if settings.webhook_jwt_key is not None:
+            return Check("webhooks", False, "PGQR_GLOBAL_WEBHOOK=true but PGQR_WEBHOOK_JWT_KEY is set: Evolution's "
+                         "global webhook sends no Authorization header, so pgqr refuses its posts",
+                         "unset PGQR_WEBHOOK_JWT_KEY, or use per-instance webhooks (`pgqr webhooks register --all`)")
+        return Check("webhooks", True, "PGQR_GLOBAL_WEBHOOK=true: Evolution's global webhook points at pgqr "
+                     "(doctor cannot see it: it lives in Evolution's environment, WEBHOOK_GLOBAL_URL)")
+    if not settings.public_url:
+        return Check("webhooks", False, "PGQR_PUBLIC_URL is not set: cannot tell where the instances' webhooks "
+                     "should point", "set PGQR_PUBLIC_URL to the sidecar's URL as Evolution reaches it (or "
+                     "PGQR_GLOBAL_WEBHOOK=true when Evolution's global webhook points at pgqr)")
+    readable = [t for t, s in zip(waiting, states, strict=True) if isinstance(s, EvolutionState)]
+    if not readable:
+        return Check("webhooks", True, "no waiting instance whose webhook can be read"
+                     + (" (see the instances check)" if waiting else ""))
+
+    async def find(t: Target) -> str | None:
+        assert t.base_url is not None and t.apikey is not None
+        found = await http.find_webhook(t.base_url, t.name, t.apikey)
+        return f"{found.error_class}: {found.detail}" if isinstance(found, Failure) else hooks.judge(found, settings)
+
+    verdicts = await hooks.each(readable, find)
+    problems = [(t, verdict) for t, verdict in zip(readable, verdicts, strict=True) if verdict is not None]
+    target = display_url(hooks.hook_url(settings))
+    if problems:
+        return Check("webhooks", False, f"{len(problems)} of {len(readable)} waiting instance(s) send no webhook to "
+                     f"{target}: " + _grouped(problems),
+                     "run `pgqr webhooks register --all` (or set PGQR_GLOBAL_WEBHOOK=true when Evolution's global "
+                     "webhook points at pgqr)")
+    return Check("webhooks", True, f"{len(readable)} waiting instance(s) at {_places(readable)} send their "
+                                   f"webhooks to {target}")
