@@ -101,6 +101,7 @@ class Result:
     error_class: str | None = None
     started_at: datetime | None = None
     evolution_state: str | None = None
+    final: bool = False  # the last hand-in of a result kept busy: logged as not applied instead of busy again
 
     def as_json(self) -> dict[str, Any]:
         doc = asdict(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections import Counter
@@ -326,8 +327,11 @@ class Engine:
             p.tries += 1
             if p.tries > BUSY_RETRIES:
                 self._give_up([p])
-            else:
-                keep.append(p)
+                continue
+            if p.tries == BUSY_RETRIES:
+                # the last try: still busy, it is logged as not applied (the call did happen), not retried
+                p.result = dataclasses.replace(p.result, final=True)
+            keep.append(p)
         if keep:
             asyncio.get_running_loop().call_later(delay, self._requeue, keep)
 

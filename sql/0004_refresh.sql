@@ -70,7 +70,8 @@ $$;
 -- started (its latency_ms later the reply came). evolution_state: open | connecting | close, when known.
 CREATE TYPE pgqr.result AS (
     key text, source pgqr.source, outcome pgqr.outcome, md5 text, qr text, pairing_code text, qr_count integer,
-    http_status integer, latency_ms real, error_class text, started_at timestamptz, evolution_state text);
+    http_status integer, latency_ms real, error_class text, started_at timestamptz, evolution_state text,
+    final boolean);
 
 -- What one result changes in an instance's schedule and QR estimate.
 CREATE TYPE pgqr.plan AS (changed boolean, due_at timestamptz, qr_born_after timestamptz, qr_seen_at timestamptz,
@@ -181,11 +182,11 @@ BEGIN
     rs := ARRAY(
         SELECT r FROM (SELECT DISTINCT ON (x.key) x.* FROM jsonb_populate_recordset(NULL::pgqr.result, results)
                        WITH ORDINALITY AS x(key, source, outcome, md5, qr, pairing_code, qr_count, http_status,
-                                            latency_ms, error_class, started_at, evolution_state, n)
+                                            latency_ms, error_class, started_at, evolution_state, final, n)
                        ORDER BY x.key, x.n DESC) r0
         CROSS JOIN LATERAL (SELECT ROW(r0.key, r0.source, r0.outcome, r0.md5, r0.qr, r0.pairing_code, r0.qr_count,
                                        r0.http_status, r0.latency_ms, r0.error_class, r0.started_at,
-                                       r0.evolution_state)::pgqr.result AS r) y
+                                       r0.evolution_state, r0.final)::pgqr.result AS r) y
         WHERE NOT (r0.source = 'webhook' AND r0.outcome = 'event' AND EXISTS (
             SELECT 1 FROM pgqr.instance_state s WHERE s.key = r0.key
                AND s.evolution_state IS NOT DISTINCT FROM r0.evolution_state)));
@@ -291,16 +292,18 @@ BEGIN
     PERFORM pg_notify('pgqr_qr_updated', json_build_object('key', left(k, 200), 'event', 'failed')::text)
        FROM unnest(failing) k;
 
-    -- polls whose lease is gone (another replica took over) are logged as not applied
+    -- polls whose lease is gone (another replica took over), and the last hand-in of one still kept busy, are
+    -- logged as not applied: the call did happen
     INSERT INTO pgqr.refresh_log (instance_key, instance_name, source, outcome, applied, qr_updated, http_status,
                                   latency_ms, error_class, owner)
     SELECT r.key, coalesce(s.name, ''), r.source, r.outcome, false, false, r.http_status, r.latency_ms,
            r.error_class, writer
     FROM unnest(rs) r LEFT JOIN pgqr.instance_state s ON s.key = r.key
-    WHERE NOT r.key = ANY(mine) AND NOT r.key = ANY(busy) AND r.source = 'poll';
+    WHERE NOT r.key = ANY(mine) AND (NOT r.key = ANY(busy) OR coalesce(r.final, false)) AND r.source = 'poll';
 
     RETURN QUERY
-    SELECT r.key, r.key = ANY(mine), r.key = ANY(busy), r.key = ANY(coalesce(changed, '{}')), r.outcome
+    SELECT r.key, r.key = ANY(mine), r.key = ANY(busy) AND NOT coalesce(r.final, false),
+           r.key = ANY(coalesce(changed, '{}')), r.outcome
     FROM unnest(rs) r;
 END
 $$;

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 from conftest import Database, run_pgqr
 from service_fixtures import Env, notifications
 
@@ -285,9 +284,6 @@ async def test_a_row_the_app_keeps_locked_costs_that_instance_one_write_not_the_
     assert busy["qr_code"] is None and busy["lease_owner"] == "test-owner"  # retried once the lease runs out
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the engine gives up a write the app's lock kept busy without "
-                   "logging the poll (Engine._give_up never reaches pgqr.record_results), so refresh_log and "
-                   "refresh_stats miss an Evolution call")
 async def test_a_poll_whose_write_the_app_kept_locked_is_still_logged_as_not_applied(env: Env) -> None:
     env.add("busy")
     await reconcile_while_the_app_locks(env, "busy")
