@@ -16,7 +16,7 @@ import time
 
 import psycopg
 
-from . import devdb, links, logs, migrations
+from . import devdb, links, logs, migrations, tables
 from .service import Service
 from .settings import Secret, Settings
 from .simulator import SimConfig, Simulator
@@ -135,8 +135,7 @@ def _render(rows: list[tuple[object, ...]]) -> str:
          cell(source), cell(outcome), cell(error), str(failures))
         for name, status, number, age, valid, source, outcome, error, failures in rows
     ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    return "\n".join(tables.render(cells))
 
 
 def _without_ages(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from . import tables
 from .admin import connect, require_installed
 from .settings import Settings
 
@@ -74,8 +75,7 @@ def format_status(doc: dict[str, Any]) -> str:
             outcome, str(i["consecutive_failures"]), _relative(now, i["next_attempt_at"]),
             i["lease_owner"] or "-",
         ))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines = tables.render(rows)
     if not doc["instances"]:
         lines.append("(no instances)")
     live = [x for x in doc["listeners"] if x["live"]]
