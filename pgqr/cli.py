@@ -196,6 +196,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return result
 
 
+def _instance_counts(raw: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(v) for v in raw.split(",") if v.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) <= 0:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of instance counts, like 2000,10000; got {raw!r}")
+    return counts
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    options = bench.Options(
+        instances=(100,) if args.quick and args.instances is None else (args.instances or (2000, 10000)),
+        quick=args.quick,
+        freshness_seconds=args.freshness_seconds or (60.0 if args.quick else 180.0),
+        freshness_instances=100 if args.quick else 1000,
+    )
+    return bench.main(options, args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -253,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "simulate", cmd_simulate, "an Evolution API simulator on loopback (`pgqr simulate --help`)",
                  add_help=False, prefix_chars="\0")
     p.add_argument("simulate_args", nargs=argparse.REMAINDER)
+    p = _command(sub, "bench", cmd_bench, "measure the refresh engine end to end (own PostgreSQL, simulator "
+                 "and pgqr processes) and print one table")
+    p.add_argument("--json", metavar="PATH", help="also write every figure (and the raw samples) to PATH")
+    p.add_argument("--instances", type=_instance_counts, default=None, metavar="N[,N...]",
+                   help="reconcile sizes (default: 2000,10000; 100 with --quick)")
+    p.add_argument("--quick", action="store_true", help="small sizes and a 60 s freshness window (about 5 minutes)")
+    p.add_argument("--freshness-seconds", type=float, default=None, metavar="S",
+                   help="how long freshness is sampled, once a second (default 180; 60 with --quick)")
     p = _command(sub, "demo", cmd_demo, "throwaway PostgreSQL + pg_cron + simulator + listener, live")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--scan-after", type=float, default=20.0, help="seconds before one instance gets scanned")
