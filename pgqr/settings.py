@@ -112,14 +112,18 @@ def dsn(name: str, raw: str) -> Secret:
     return Secret(raw)
 
 
-def check_url(raw: str, name: str) -> str:
-    """An http(s) URL with a host and a valid port. The message never echoes it (it may hold credentials)."""
+def is_http_url(raw: str) -> bool:
+    """An http(s) URL with a host and a valid port (a setting's, or a row's URL column)."""
     try:
         url = URL(raw)
-        valid = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+        return url.scheme in ("http", "https") and bool(url.host) and url.port is not None
     except (ValueError, TypeError):
-        valid = False
-    if not valid:
+        return False
+
+
+def check_url(raw: str, name: str) -> str:
+    """An http(s) URL with a host and a valid port. The message never echoes it (it may hold credentials)."""
+    if not is_http_url(raw):
         raise ConfigError(f"{name} must be an http(s) URL, like http://localhost:8080")
     return raw  # as given: for an alert endpoint a trailing slash can matter
 
