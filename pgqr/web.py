@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,12 +59,24 @@ class Event:
     error_class: str | None = None
 
 
+class BadWebhook(ValueError):
+    """An envelope no Evolution sends (answered 400); str() says what is wrong, never echoing the body."""
+
+
 def event_from_webhook(body: Any) -> Event | None:
-    """Map an Evolution webhook envelope to what it means; None for events we do not use."""
-    if not isinstance(body, dict) or not isinstance(body.get("instance"), str) or not db.storable(body["instance"]):
-        return None
-    event = str(body.get("event", "")).lower().replace("_", ".")
+    """Map an Evolution webhook envelope to what it means; None for events we do not use; BadWebhook for a
+    body that is not an Evolution envelope (not an object, fields of the wrong type, text PostgreSQL cannot
+    hold)."""
+    if not isinstance(body, dict):
+        raise BadWebhook("the body is not a JSON object")
+    if not isinstance(body.get("event"), str) or not isinstance(body.get("instance"), str):
+        raise BadWebhook("`event` and `instance` must be strings")
+    if not db.storable(body["instance"]):
+        raise BadWebhook("`instance` holds characters PostgreSQL text cannot store")
+    event = body["event"].lower().replace("_", ".")
     raw_data = body.get("data")
+    if event in ("qrcode.updated", "connection.update") and not isinstance(raw_data, dict | None):
+        raise BadWebhook("`data` must be an object")  # other events' data (messages: arrays) is not ours to judge
     data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
     server = body.get("server_url") if isinstance(body.get("server_url"), str) else None
     name = body["instance"]
@@ -72,8 +85,10 @@ def event_from_webhook(body: Any) -> Event | None:
         if isinstance(qrcode, dict) and isinstance(qrcode.get("base64"), str) and qrcode["base64"]:
             pairing = qrcode.get("pairingCode") if isinstance(qrcode.get("pairingCode"), str) else None
             if not db.storable(qrcode["base64"], pairing):
-                return None
+                raise BadWebhook("the QR holds characters PostgreSQL text cannot store")
             return Event(name, server, "qr", qr=qrcode["base64"], pairing_code=pairing, evolution_state="connecting")
+        if "qrcode" in data:
+            raise BadWebhook("`data.qrcode` must be an object with a `base64` string")
         # "QR code limit reached, please login again": Evolution stopped rotating
         return Event(name, server, "gave_up", error_class="qr_limit")
     if event == "connection.update":
@@ -105,12 +120,15 @@ async def webhook(request: web.Request) -> web.Response:
         return web.json_response({"error": "not found"}, status=404)
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the JSON parser goes
         return web.json_response({"error": "body is not JSON"}, status=400)
     event_name = str(body.get("event", "")) if isinstance(body, dict) else ""
     # a label per known event only: the body is the sender's to choose, and series must stay bounded
     deps.metrics.webhooks.labels(event_name if event_name in KNOWN_EVENTS else "other").inc()
-    event = event_from_webhook(body)
+    try:
+        event = event_from_webhook(body)
+    except BadWebhook as exc:
+        return web.json_response({"error": str(exc)}, status=400)
     if event is None:
         return web.json_response({"ignored": event_name})
     try:
@@ -198,7 +216,10 @@ async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
         await site.start()
     except OSError as exc:  # port in use, address not on this host: a setting to fix, not a traceback
         await runner.cleanup()
-        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
+        if isinstance(exc, socket.gaierror):  # its errno is a resolver code, which strerror calls "Unknown error"
+            reason = f"the host name {host} does not resolve ({exc.strerror or 'no address'})"
+        else:
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
         raise ConfigError(f"cannot serve HTTP on {host}:{port}: {reason}") from None
     return runner
 
