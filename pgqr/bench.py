@@ -523,6 +523,10 @@ class Bench:
             # quiet from here: nothing due for an hour, so only what a phase does explains what it measures
             await d.execute("UPDATE pgqr.instance_state SET due_at = now() + interval '1 hour'")
             await self.wake_up(d, sim, wake)
+            # the new instances too: their polls must not write into the storm's WAL window
+            await d.wait("SELECT count(*) = 0 FROM pgqr.instance_state WHERE lease_owner IS NOT NULL",
+                         "the wake-up instances' polls in flight", 60)
+            await d.execute("UPDATE pgqr.instance_state SET due_at = now() + interval '1 hour'")
             await self.storm(d, pgqr, list(hooks)[:STORM_INSTANCES])
             await self.webhooks_alone(d, pgqr, sim, list(hooks))
             await self.webhooks_during_reconcile(d, pgqr, sim, list(hooks))
