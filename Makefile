@@ -14,7 +14,7 @@ demo: system venv
 	$(BIN)/pgqr demo
 
 bench: system venv
-	$(BIN)/python bench/refresh.py
+	$(BIN)/pgqr bench
 
 # Build the image (podman, or docker where an engine answers) and check it against a throwaway PostgreSQL with
 # pg_cron (deploy/image-test.sh). Without registry access, run /work/shared/tools/container-base first (as root).

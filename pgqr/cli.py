@@ -11,6 +11,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import psycopg
 
 from . import logs, migrations
 from .errors import ConfigurationError, MigrationError
-from .settings import ConfigError, Settings, add_flags, first_line, load, rejected_dsn
+from .settings import ConfigError, Settings, add_flags, database_refusal, first_line, load, rejected_dsn
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -51,28 +52,48 @@ def cmd_bind(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _preflight(settings: Settings) -> None:
+class DatabaseUnreachable(RuntimeError):
+    """The database did not answer within the wait (exit 1: nothing to fix in pgqr's settings, maybe)."""
+
+
+async def _preflight(settings: Settings, wait: float = 0.0) -> None:
     """Fail fast, with one line, on what no retry can fix: a database without pgqr, or waiting instances that
-    have no Evolution URL to call. An unreachable database is retried by the service itself."""
-    try:
-        async with await psycopg.AsyncConnection.connect(settings.dsn, connect_timeout=10,
-                                                         prepare_threshold=None) as conn:
-            cur = await conn.execute("SELECT to_regclass('pgqr.binding') IS NOT NULL")
-            row = await cur.fetchone()
-            if not row or not row[0]:
-                raise ConfigError("pgqr is not installed in this database: run `pgqr migrate` first")
-            if settings.evolution_api_url:
-                return
-            cur = await conn.execute("SELECT count(*) FROM pgqr.app_instances WHERE coalesce(url, '') = ''")
-            row = await cur.fetchone()
-    except psycopg.Error as exc:
-        if rejected := rejected_dsn(exc):
-            raise rejected from None
-        if isinstance(exc, psycopg.OperationalError):
-            return
-        raise
-    if row and row[0]:
-        raise ConfigError(f"EVOLUTION_API_URL is not set and {row[0]} instance(s) have no Evolution URL of their own")
+    have no Evolution URL to call. A database that is down, or refuses the role or the database (it may still
+    be starting, or being created), is tried again for `wait` seconds, then reported once: exit 2 for a
+    refusal, 1 for no answer."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            row = await _installed_and_unreachable_rows(settings)
+            break
+        except psycopg.Error as exc:
+            if rejected := rejected_dsn(exc):
+                raise rejected from None
+            if not isinstance(exc, psycopg.OperationalError):
+                raise
+            if time.monotonic() >= deadline:
+                if refusal := database_refusal(exc, settings.dsn):
+                    raise refusal from None
+                waited = f" (waited {wait:g} s)" if wait else ""
+                raise DatabaseUnreachable(f"cannot reach the database{waited}: {first_line(exc)}") from None
+            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    if row:
+        raise ConfigError(f"EVOLUTION_API_URL is not set and {row} instance(s) have no Evolution URL of their own")
+
+
+async def _installed_and_unreachable_rows(settings: Settings) -> int:
+    """Raise unless pgqr is installed; the number of waiting instances without any Evolution URL."""
+    async with await psycopg.AsyncConnection.connect(settings.dsn, connect_timeout=10,
+                                                     prepare_threshold=None) as conn:
+        cur = await conn.execute("SELECT to_regclass('pgqr.binding') IS NOT NULL")
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            raise ConfigError("pgqr is not installed in this database: run `pgqr migrate` first")
+        if settings.evolution_api_url:
+            return 0
+        cur = await conn.execute("SELECT count(*) FROM pgqr.app_instances WHERE coalesce(url, '') = ''")
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
 
 def _log_flags(p: argparse.ArgumentParser) -> None:
@@ -87,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(args.log_format, args.log_level)
 
     async def main() -> int:
-        await _preflight(settings)
+        await _preflight(settings, settings.database_wait_seconds)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -213,6 +234,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return result
 
 
+def _instance_counts(raw: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(v) for v in raw.split(",") if v.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) <= 0:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of instance counts, like 2000,10000; got {raw!r}")
+    return counts
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    options = bench.Options(
+        instances=(100,) if args.quick and args.instances is None else (args.instances or (2000, 10000)),
+        quick=args.quick,
+        freshness_seconds=args.freshness_seconds or (60.0 if args.quick else 180.0),
+        freshness_instances=100 if args.quick else 1000,
+    )
+    return bench.main(options, args.json)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -313,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the instance name")
     p.add_argument("--ttl", default="15m", help="how long the link works, like 15m, 2h, 1d (default: 15m)")
     p.add_argument("--key", default=None, help="the row's key, when several rows share the name")
+    p = _command(sub, "bench", cmd_bench, "measure the refresh engine end to end (own PostgreSQL, simulator "
+                 "and pgqr processes) and print one table")
+    p.add_argument("--json", metavar="PATH", help="also write every figure (and the raw samples) to PATH")
+    p.add_argument("--instances", type=_instance_counts, default=None, metavar="N[,N...]",
+                   help="reconcile sizes (default: 2000,10000; 100 with --quick)")
+    p.add_argument("--quick", action="store_true", help="small sizes and a 60 s freshness window (about 5 minutes)")
+    p.add_argument("--freshness-seconds", type=float, default=None, metavar="S",
+                   help="how long freshness is sampled, once a second (default 180; 60 with --quick)")
     p = _command(sub, "demo", cmd_demo, "throwaway PostgreSQL + pg_cron + simulator + listener, live")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--scan-after", type=float, default=20.0, help="seconds before one instance gets scanned")
@@ -327,11 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ConfigurationError) as exc:
         print(f"pgqr: {exc}", file=sys.stderr)
         return 2
-    except MigrationError as exc:
+    except (MigrationError, DatabaseUnreachable) as exc:
         print(f"pgqr: {exc}", file=sys.stderr)
         return 1
     except psycopg.Error as exc:
-        if rejected := rejected_dsn(exc):
+        if rejected := rejected_dsn(exc) or _refusal(exc, args):
             print(f"pgqr: {rejected}", file=sys.stderr)
             return 2
         if isinstance(exc, psycopg.OperationalError):
@@ -343,6 +394,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _refusal(exc: psycopg.Error, args: argparse.Namespace) -> ConfigError | None:
+    """A refused role, password or database is a configuration error (exit 2) for every command."""
+    try:
+        dsn = load(args).dsn
+    except ConfigError:
+        return None
+    return database_refusal(exc, dsn)
 
 
 if __name__ == "__main__":

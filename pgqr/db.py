@@ -8,6 +8,7 @@ LISTEN (that is listener.py's own connection).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -161,6 +162,78 @@ async def record_results(pool: Pool, owner: str, results: list[Result]) -> list[
     rows: list[Recorded] = await pool.rows(
         Recorded, "SELECT * FROM pgqr.record_results(%s, %s::jsonb)", (owner, payload))
     return rows
+
+
+class GroupWriter:
+    """Single results (webhooks) written together: while one batch is in pgqr.record_results, the next one
+    gathers, so under load many webhooks share one round trip and one transaction (a group commit), and at
+    rest each is written alone at once. A key appears at most once per batch (record_results keeps the last
+    of a key, and each webhook must be answered for itself)."""
+
+    def __init__(self, pool: Pool, owner: str, *, max_batch: int = 64) -> None:
+        self.pool, self.owner, self.max_batch = pool, owner, max_batch
+        self._pending: list[tuple[Result, asyncio.Future[list[Recorded]]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def record(self, results: list[Result]) -> list[Recorded]:
+        """What record_results would return for these results (one: written with whatever else is waiting)."""
+        if len(results) != 1:
+            return await record_results(self.pool, self.owner, results)
+        done: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
+        self._pending.append((results[0], done))
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._write_forever(), name="webhook writes")
+        return await done
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for _, done in self._pending:
+            done.cancel()
+        self._pending = []
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch: list[tuple[Result, asyncio.Future[list[Recorded]]]] = []
+                rest, keys = [], set()
+                for item in self._pending:
+                    if len(batch) < self.max_batch and item[0].key not in keys:
+                        batch.append(item)
+                        keys.add(item[0].key)
+                    else:
+                        rest.append(item)
+                self._pending = rest
+                await self._write(batch)
+
+    async def _write(self, batch: list[tuple[Result, asyncio.Future[list[Recorded]]]]) -> None:
+        try:
+            rows = await record_results(self.pool, self.owner, [result for result, _ in batch])
+        except psycopg.DataError as exc:
+            if len(batch) == 1:  # the one the database refuses answers for itself
+                self._fail(batch, exc)
+            for item in batch if len(batch) > 1 else []:
+                await self._write([item])
+            return
+        except Exception as exc:  # the database is away (or a bug): every waiting webhook hears of it
+            self._fail(batch, exc)
+            return
+        by_key = {row.key: row for row in rows}
+        for result, done in batch:
+            if not done.done():  # its request may have gone (cancelled): the write stands anyway
+                done.set_result([by_key[result.key]] if result.key in by_key else [])
+
+    @staticmethod
+    def _fail(batch: list[tuple[Result, asyncio.Future[list[Recorded]]]], exc: Exception) -> None:
+        for _, done in batch:
+            if not done.done():
+                done.set_exception(exc)
 
 
 async def next_due_in(pool: Pool) -> float | None:

@@ -154,6 +154,8 @@ class Engine:
             if free > 0 and len(claimed) == free:
                 continue  # maybe more is due: claim again as soon as a slot frees
             if free <= 0:
+                # cleared first: a slot freed long ago must not make this a busy loop while every slot is taken
+                self._slot_freed.clear()
                 await self._wait_any(wake, self._slot_freed, timeout=self.settings.fallback_seconds)
                 continue
             due_in = await db.next_due_in(self.pool)
@@ -172,6 +174,7 @@ class Engine:
         while not stopping():
             free = self.settings.concurrency - len(self.in_flight)
             if free <= 0:
+                self._slot_freed.clear()
                 await self._wait_any(self._slot_freed, timeout=self.settings.http_timeout + 5)
                 continue
             rows = await db.claim(self.pool, self.owner, free, lease, due_by)

@@ -51,6 +51,15 @@ ErrorClass = Literal[
 ]
 
 
+
+def is_http_url(raw: str) -> bool:
+    """An http(s) URL with a host and a valid port (a setting's, or a row's URL column)."""
+    try:
+        url = URL(raw)
+        return url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+    except (ValueError, TypeError):
+        return False
+
 @dataclass(frozen=True)
 class ErrorClassInfo:
     transient: bool  # retry soon: the same call is expected to succeed later without anyone changing anything
@@ -446,8 +455,11 @@ class EvolutionClient:
 
     async def fetch_instances(self, base_url: str, apikey: str) -> InstanceList | Failure:
         """GET /instance/fetchInstances: every instance for the global key, only its own for an instance token."""
-        url = f"{base_url.rstrip('/')}/instance/fetchInstances"
-        return await self._call("GET", url, apikey, lambda s, b: classify_fetch_instances_reply(s, b, apikey))
+        base = _base(base_url)
+        if isinstance(base, Failure):
+            return base
+        return await self._call("GET", f"{base}/instance/fetchInstances", apikey,
+                                lambda s, b: classify_fetch_instances_reply(s, b, apikey))
 
     async def set_webhook(
         self, base_url: str, instance_name: str, apikey: str, *, url: str, headers: dict[str, str] | None = None,
@@ -478,8 +490,10 @@ class EvolutionClient:
 
     async def check_key(self, base_url: str, apikey: str) -> Reply:
         """GET /instance/fetchInstances: NoQrYet(count=None) means the key is accepted."""
-        url = f"{base_url.rstrip('/')}/instance/fetchInstances"
-        return Reply(*await self._timed_call("GET", url, apikey, _classify_check_reply))
+        base = _base(base_url)
+        if isinstance(base, Failure):
+            return Reply(base, 0.0)
+        return Reply(*await self._timed_call("GET", f"{base}/instance/fetchInstances", apikey, _classify_check_reply))
 
     @asynccontextmanager
     async def _serialised(self, base: str, name: str) -> AsyncIterator[None]:
@@ -557,12 +571,24 @@ class EvolutionClient:
         return b"".join(chunks)
 
 
+def _base(base_url: str) -> str | Failure:
+    """The base URL without its trailing slash, or a `config` Failure when it is not an http(s) URL with a
+    host (a row's URL column is the app's to fill: "not a url" or ftp://... must not pass for a network error).
+    The message never echoes the URL (it may carry credentials)."""
+    if not is_http_url(base_url):
+        return _fail("config", None, "the Evolution base URL is not an http(s) URL with a host")
+    return base_url.rstrip("/")
+
+
 def _instance_url(base_url: str, route: str, name: str) -> str | Failure:
     """{base}/{route}/{name}, the name percent-encoded whole (a slash in it stays part of the name). "." and
     ".." would be resolved away as path segments and reach another route: refused before anything is sent."""
+    base = _base(base_url)
+    if isinstance(base, Failure):
+        return base
     if name in (".", ".."):
         return _fail("config", None, f"the instance name {name!r} cannot be sent in a URL path")
-    return f"{base_url.rstrip('/')}/{route}/{quote(name, safe='')}"
+    return f"{base}/{route}/{quote(name, safe='')}"
 
 
 def display_url(url: str, *, with_path: bool = True) -> str:

@@ -52,6 +52,7 @@ class Service:
         self.client = EvolutionClient(timeout=settings.http_timeout, max_reply_bytes=settings.max_reply_bytes,
                                       concurrency=settings.concurrency)
         self.engine = Engine(settings, self.pool, self.client, self.owner, observe=self._observe)
+        self.webhook_writes = db.GroupWriter(self.pool, self.owner)
         self.wake = asyncio.Event()
         self.alerts = AlertForwarder(settings.alert_webhook_url.reveal(), self.pool, self.owner,
                                      poll_seconds=settings.fallback_seconds) if settings.alert_webhook_url else None
@@ -107,7 +108,7 @@ class Service:
 
     def web_app(self) -> Any:
         app = web.make_app(web.Deps(
-            record=lambda results: db.record_results(self.pool, self.owner, results),
+            record=self.webhook_writes.record,
             find=lambda name: db.find_instances(self.pool, name),
             readiness=self.readiness, notes=self.notes, metrics=self.metrics,
             auth=tokens.WebhookAuth(self.settings.webhook_secret, self.settings.evolution_api_key,
@@ -208,6 +209,7 @@ class Service:
             log.warning("could not release leases in time", extra={"action": "release_error"})
         if runner is not None:
             await runner.cleanup()
+        await self.webhook_writes.close()
         await self.client.close()
         if self.alerts is not None:
             await self.alerts.close()

@@ -16,7 +16,8 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from yarl import URL
+
+from .evolution import is_http_url
 
 
 class ConfigError(ValueError):
@@ -114,12 +115,7 @@ def dsn(name: str, raw: str) -> Secret:
 
 def check_url(raw: str, name: str) -> str:
     """An http(s) URL with a host and a valid port. The message never echoes it (it may hold credentials)."""
-    try:
-        url = URL(raw)
-        valid = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
-    except (ValueError, TypeError):
-        valid = False
-    if not valid:
+    if not is_http_url(raw):
         raise ConfigError(f"{name} must be an http(s) URL, like http://localhost:8080")
     return raw  # as given: for an alert endpoint a trailing slash can matter
 
@@ -188,6 +184,9 @@ BINDING = ("migrate", "bind")
 
 OPTIONS: tuple[Option, ...] = (
     Option("database_url", "DATABASE_URL", dsn, None, "libpq URL or DSN of the application database", ("*",)),
+    Option("database_wait_seconds", "PGQR_DATABASE_WAIT_SECONDS", non_negative_float, 60.0,
+           "at start, how long `pgqr run` waits for a database that is down or refuses the role or database "
+           "(it may still be starting or being created); then it exits", ("run",)),
     Option("listen_database_url", "PGQR_LISTEN_DATABASE_URL", dsn, None,
            "a direct or session-mode URL for LISTEN, when DATABASE_URL goes through a transaction pooler "
            "(default: DATABASE_URL)", ("run", "doctor")),
@@ -266,6 +265,7 @@ class Settings:
     """The resolved settings of one command. `explicit` names the ones the user gave (flag or environment)."""
 
     database_url: Secret
+    database_wait_seconds: float = 60.0
     listen_database_url: Secret | None = None
     evolution_api_url: Secret | None = None
     evolution_api_key: Secret | None = None
@@ -373,6 +373,36 @@ def rejected_dsn(exc: psycopg.Error, name: str = "DATABASE_URL") -> ConfigError 
     if isinstance(exc, psycopg.ProgrammingError) and ("bad value for" in message or "invalid URI" in message):
         return ConfigError(f"{name} is not usable: {message}")
     return None
+
+
+# What a server says when it answered and refused who we are or what we asked for (libpq's FATAL line).
+_REFUSALS = ("does not exist", "password authentication failed", "no pg_hba.conf entry", "not permitted to log in",
+             "permission denied for database", "no password supplied")
+
+
+def database_refusal(exc: BaseException, database_url: str) -> ConfigError | None:
+    """The one-line configuration error when the server refused the role, the password or the database
+    (naming host, port, database and user from the URL, never the password), or None for anything else."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return None
+    message = " ".join(str(exc).split())
+    reason = message.split("FATAL:", 1)[1].strip() if "FATAL:" in message else ""
+    if not any(r in reason for r in _REFUSALS):
+        return None
+    return ConfigError(f"the database refused the connection: {reason} ({database_target(database_url)})")
+
+
+def database_target(database_url: str) -> str:
+    """host, port, database and user a URL points at (libpq's defaults where it names none)."""
+    try:
+        info = conninfo_to_dict(database_url)
+    except psycopg.ProgrammingError:
+        info = {}
+    user = info.get("user") or os.environ.get("PGUSER") or "(your login name)"
+    host = info.get("host") or os.environ.get("PGHOST") or "localhost"
+    port = info.get("port") or os.environ.get("PGPORT") or "5432"
+    database = info.get("dbname") or os.environ.get("PGDATABASE") or user
+    return f"host {host} port {port}, database {database}, user {user}"
 
 
 def first_line(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,12 +69,24 @@ class Event:
     error_class: str | None = None
 
 
+class BadWebhook(ValueError):
+    """An envelope no Evolution sends (answered 400); str() says what is wrong, never echoing the body."""
+
+
 def event_from_webhook(body: Any) -> Event | None:
-    """Map an Evolution webhook envelope to what it means; None for events we do not use."""
-    if not isinstance(body, dict) or not isinstance(body.get("instance"), str) or not db.storable(body["instance"]):
-        return None
-    event = str(body.get("event", "")).lower().replace("_", ".")
+    """Map an Evolution webhook envelope to what it means; None for events we do not use; BadWebhook for a
+    body that is not an Evolution envelope (not an object, fields of the wrong type, text PostgreSQL cannot
+    hold)."""
+    if not isinstance(body, dict):
+        raise BadWebhook("the body is not a JSON object")
+    if not isinstance(body.get("event"), str) or not isinstance(body.get("instance"), str):
+        raise BadWebhook("`event` and `instance` must be strings")
+    if not db.storable(body["instance"]):
+        raise BadWebhook("`instance` holds characters PostgreSQL text cannot store")
+    event = body["event"].lower().replace("_", ".")
     raw_data = body.get("data")
+    if event in ("qrcode.updated", "connection.update") and not isinstance(raw_data, dict | None):
+        raise BadWebhook("`data` must be an object")  # other events' data (messages: arrays) is not ours to judge
     data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
     server = body.get("server_url") if isinstance(body.get("server_url"), str) else None
     name = body["instance"]
@@ -82,8 +95,10 @@ def event_from_webhook(body: Any) -> Event | None:
         if isinstance(qrcode, dict) and isinstance(qrcode.get("base64"), str) and qrcode["base64"]:
             pairing = qrcode.get("pairingCode") if isinstance(qrcode.get("pairingCode"), str) else None
             if not db.storable(qrcode["base64"], pairing):
-                return None
+                raise BadWebhook("the QR holds characters PostgreSQL text cannot store")
             return Event(name, server, "qr", qr=qrcode["base64"], pairing_code=pairing, evolution_state="connecting")
+        if "qrcode" in data:
+            raise BadWebhook("`data.qrcode` must be an object with a `base64` string")
         # "QR code limit reached, please login again": Evolution stopped rotating
         return Event(name, server, "gave_up", error_class="qr_limit")
     if event == "connection.update":
@@ -219,7 +234,10 @@ async def _webhook(request: web.Request, deps: Deps) -> web.Response:
     event_name = body.get("event") or ""
     # a label per known event only: the body is the sender's to choose, and series must stay bounded
     deps.metrics.webhooks.labels(event_name if event_name in KNOWN_EVENTS else "other").inc()
-    event = event_from_webhook(body)
+    try:
+        event = event_from_webhook(body)
+    except BadWebhook as exc:
+        raise Refused(400, "bad_shape", str(exc)) from None
     if event is None:
         return web.json_response({"ignored": event_name})
     try:
@@ -330,7 +348,10 @@ async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
         await site.start()
     except OSError as exc:  # port in use, address not on this host: a setting to fix, not a traceback
         await runner.cleanup()
-        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
+        if isinstance(exc, socket.gaierror):  # its errno is a resolver code, which strerror calls "Unknown error"
+            reason = f"the host name {host} does not resolve ({exc.strerror or 'no address'})"
+        else:
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
         raise ConfigError(f"cannot serve HTTP on {host}:{port}: {reason}") from None
     return runner
 

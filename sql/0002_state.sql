@@ -42,7 +42,8 @@ CREATE TABLE pgqr.instance_state (
     pairing_code         text
 );
 CREATE INDEX instance_state_due_idx ON pgqr.instance_state (due_at) WHERE waiting;
-CREATE INDEX instance_state_name_idx ON pgqr.instance_state (name);
+-- hash, not btree: a btree entry cannot pass about 2.7 kB, and the app decides how long a name is
+CREATE INDEX instance_state_name_idx ON pgqr.instance_state USING hash (name);
 
 -- Append-only: one row per poll and per webhook that changed something. A webhook that only repeats what
 -- pgqr already knows (a connection.update storm) writes nothing here.

@@ -112,11 +112,13 @@ BEGIN
         IF p.changed THEN
             p.repeats := 0;
             p.qr_seen_at := seen;
+            -- and not before the image it replaced can have expired: Evolution makes the next one when the
+            -- last one's life is over, so the window is the previous one's, not the whole gap between polls
             p.qr_born_after := CASE
                 WHEN r.source = 'webhook' THEN seen
                 WHEN slow THEN r.started_at
-                WHEN s.last_poll_at > seen - life THEN s.last_poll_at
-                ELSE seen - life END;
+                ELSE least(seen, greatest(seen - life, CASE WHEN s.last_poll_at > seen - life THEN s.last_poll_at END,
+                                          s.qr_born_after + life)) END;
             p.qr_expires_at := p.qr_born_after + life;
         ELSIF r.md5 IS NOT DISTINCT FROM s.qr_md5 THEN
             p.qr_born_after := greatest(s.qr_born_after, seen - life);
