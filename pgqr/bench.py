@@ -31,7 +31,7 @@ from urllib.parse import quote
 import aiohttp
 import psycopg
 
-from . import devdb, migrations
+from . import bench_page, devdb, migrations
 
 LATENCY = 0.2           # seconds per simulated Evolution call
 SEQUENTIAL_SAMPLE = 50  # instances refreshed the old way (one call, one UPDATE and commit, one after another)
@@ -484,6 +484,7 @@ class Bench:
             await self.service_phases(sim)
         finally:
             await sim.stop()
+        await self.live_page()
         for mode in ("polling only", "with webhooks"):
             await self.freshness(mode)
         self.report.machine["load_at_end"] = os.getloadavg()
@@ -522,6 +523,24 @@ class Bench:
               f"{per * n:,.0f} s ({ms(per)} each)")
         r.add(section, "speed-up over sequential", f"{per * n / first['wall']:.0f}x")
         d.drop()  # its autovacuum must not write into a later phase's WAL window
+
+    async def live_page(self) -> None:
+        """A webhook's QR on an open live page, and what 1,000 more open pages cost the sidecar."""
+        d = Db.create(self.server, "bench_page")
+        try:
+            got = await bench_page.bench(d.dsn, 20, 100 if self.o.quick else 400, 200 if self.o.quick else 1000)
+        finally:
+            d.drop()
+        r = self.report
+        r.raw["live page"] = got
+        r.add("live page", f"webhook QR -> new image in the page's stream, p50 / p99 ({got['rotations']} rotations)",
+              f"{got['latency_ms_p50']} ms / {got['latency_ms_p99']} ms", "p99 <= 250 ms",
+              got["latency_ms_p99"] <= 250)
+        r.add("live page", f"sidecar memory per open stream ({got['streams']:,} more streams)",
+              f"{got['kib_per_stream']} KiB")
+        r.add("live page", "sidecar database connections before / after those streams",
+              f"{got['db_connections_before']} / {got['db_connections_after']}", "unchanged",
+              got["db_connections_before"] == got["db_connections_after"])
 
     async def service_phases(self, sim: SimProcess) -> None:
         """Wake-up, a connection.update storm, webhooks alone and during a large reconcile: `pgqr run`."""

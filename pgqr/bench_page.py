@@ -1,6 +1,4 @@
-"""The live QR page, measured: webhook-to-page latency and the sidecar's memory per open stream.
-
-    .venv/bin/python bench/page.py [--instances 20] [--rounds 400] [--streams 1000]
+"""`pgqr bench`'s live-page phase: webhook-to-page latency and the sidecar's memory per open stream.
 
 Real processes: a throwaway PostgreSQL 15 with pg_cron, `pgqr run` as a child process (webhooks and the live
 page on), the Evolution simulator in this process posting its webhooks to the child, and server-sent event
@@ -15,7 +13,6 @@ streams read here with aiohttp, exactly as a browser's EventSource reads them.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -30,9 +27,9 @@ from typing import Any
 import aiohttp
 import psycopg
 
-from pgqr import devdb, links, migrations
-from pgqr.page import read_events
-from pgqr.simulator import SimConfig, Simulator
+from . import links
+from .page import read_events
+from .simulator import SimConfig, Simulator
 
 LINK_SECRET = secrets.token_urlsafe(24)
 WEBHOOK_SECRET = secrets.token_urlsafe(16)
@@ -124,7 +121,7 @@ async def bench(dsn: str, n_instances: int, rounds: int, n_streams: int) -> dict
                     token = sim.add_instance(name, state="close")
                     conn.execute("INSERT INTO public.evolution_instances (instance_name, instance_token, "
                                  "instance_status) VALUES (%s, %s, 'connecting')", (name, token))
-                keys = dict(conn.execute("SELECT name, key FROM pgqr.app_instances").fetchall())
+                keys: dict[str, str] = dict(conn.execute("SELECT name, key FROM pgqr.app_instances").fetchall())
                 while conn.execute("SELECT count(*) FROM pgqr.app_instances WHERE qr IS NULL").fetchone() != (0,):
                     await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)  # the first polls' write-backs and webhooks settle
@@ -168,23 +165,3 @@ async def bench(dsn: str, n_instances: int, rounds: int, n_streams: int) -> dict
         "kib_per_stream": round((rss_after - rss_before) / n_streams, 1),
         "db_connections_before": conns_before, "db_connections_after": conns_after,
     }
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--instances", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=400)
-    parser.add_argument("--streams", type=int, default=1000)
-    args = parser.parse_args()
-    with devdb.running(cron_database="postgres") as server:
-        dsn = server.dsn("postgres")
-        migrations.migrate(dsn)
-        result = asyncio.run(bench(dsn, args.instances, args.rounds, args.streams))
-    width = max(map(len, result))
-    for key, value in result.items():
-        print(f"{key.ljust(width)}  {value}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
