@@ -31,7 +31,7 @@ from urllib.parse import quote
 import aiohttp
 import psycopg
 
-from . import bench_page, devdb, migrations
+from . import bench_page, devdb, migrations, tables
 
 LATENCY = 0.2           # seconds per simulated Evolution call
 SEQUENTIAL_SAMPLE = 50  # instances refreshed the old way (one call, one UPDATE and commit, one after another)
@@ -70,9 +70,7 @@ class Report:
         rows = [head] + [(f.section, f.measure, f.value, f.target,
                           "" if f.met is None else ("ok" if f.met else "MISSED")) for f in self.figures]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join(tables.render([rows[0], tuple("-" * w for w in widths), *rows[1:]]))
 
 
 # -- the machine -------------------------------------------------------------------------------------------

@@ -41,50 +41,21 @@ SELECT count(*) FILTER (WHERE s.waiting)                                   AS wa
                 FILTER (WHERE s.waiting AND s.qr_expires_at <= now())), 0)::float8 AS oldest_expired_seconds
 FROM pgqr.instance_state s;
 
--- pgqr's pg_cron jobs and their runs of the last 24 hours. This definition is the fallback for pg_cron in
--- another database (cron.* is invisible from here): the job list comes from pgqr.jobs and pgqr.ticks stands in
--- for the tick job's runs. The DO block below replaces it with cron.job + cron.job_run_details when pg_cron is
--- installed in this very database; both definitions have the same columns, so readers never see a difference.
-CREATE VIEW pgqr.cron_runs AS
-SELECT j.name                          AS jobname,
-       j.schedule,
-       j.active,
-       t.id                            AS runid,
-       CASE WHEN t.id IS NOT NULL THEN 'succeeded' END AS status,
-       t.at                            AS start_time,
-       NULL::timestamptz               AS end_time,
-       NULL::interval                  AS duration,
-       CASE WHEN t.id IS NOT NULL THEN 'tick recorded in pgqr.ticks'
-            -- not current_setting('cron.database_name'): reading it needs pg_read_all_settings
-            ELSE 'run details are in cron.job_run_details in pg_cron''s database (cron.database_name)'
-       END                             AS message,
-       'pgqr.ticks'::text              AS source
-FROM pgqr.jobs j
-LEFT JOIN LATERAL (
-    SELECT k.id, k.at FROM pgqr.ticks k
-    WHERE j.name = 'pgqr-tick' AND k.at >= now() - interval '24 hours'
-) t ON true
-ORDER BY jobname, start_time DESC NULLS LAST;
-
-DO $$
+-- pgqr's pg_cron jobs and their runs of the last 24 hours, one definition for both places pg_cron can live. Where
+-- it lives in this database (the runner creates its extension before migrating, so cron.job is visible here
+-- exactly then), from cron.job and cron.job_run_details; where it lives in another database (cron.* is
+-- invisible from here), from pgqr.jobs, with pgqr.ticks standing in for the tick job's runs. It runs as pgqr's
+-- owner, which pg_cron's row security (username = current_user) allows for pgqr's own jobs, so pgqr_monitor
+-- needs no grant on cron.*. Jobs named `pgqr-x@otherdb` belong to other application databases.
+CREATE FUNCTION pgqr.cron_job_runs()
+RETURNS TABLE (jobname text, schedule text, active boolean, runid bigint, status text, start_time timestamptz,
+               end_time timestamptz, duration interval, message text, source text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgqr AS $$
 BEGIN
-    -- The runner creates pg_cron's extension before migrating, so cron.job is visible here exactly when
-    -- pg_cron lives in this database. Jobs named `pgqr-x@otherdb` belong to other application databases.
-    -- The view runs with its owner's rights, which pg_cron's row security (username = current_user) allows
-    -- for pgqr's own jobs, so pgqr_monitor needs no grant on cron.*.
     IF to_regclass('cron.job') IS NOT NULL THEN
-        EXECUTE $view$
-            CREATE OR REPLACE VIEW pgqr.cron_runs AS
-            SELECT j.jobname::text COLLATE "default" AS jobname,  -- name is collated "C"; keep the columns identical
-                   j.schedule,
-                   j.active,
-                   d.runid,
-                   d.status,
-                   d.start_time,
-                   d.end_time,
-                   d.end_time - d.start_time      AS duration,
-                   d.return_message               AS message,
-                   'cron.job_run_details'::text   AS source
+        RETURN QUERY EXECUTE $q$
+            SELECT j.jobname::text, j.schedule, j.active, d.runid, d.status, d.start_time, d.end_time,
+                   d.end_time - d.start_time, d.return_message, 'cron.job_run_details'::text
             FROM cron.job j
             LEFT JOIN LATERAL (
                 SELECT r.runid, r.status, r.start_time, r.end_time, r.return_message
@@ -92,11 +63,29 @@ BEGIN
                 WHERE r.jobid = j.jobid AND r.start_time >= now() - interval '24 hours'
             ) d ON true
             WHERE j.jobname LIKE 'pgqr-%' AND j.jobname NOT LIKE '%@%'
-            ORDER BY jobname, start_time DESC NULLS LAST
-        $view$;
+            ORDER BY 1, 6 DESC NULLS LAST
+        $q$;
+    ELSE
+        RETURN QUERY
+        SELECT j.name, j.schedule, j.active, t.id,
+               CASE WHEN t.id IS NOT NULL THEN 'succeeded' END,
+               t.at, NULL::timestamptz, NULL::interval,
+               CASE WHEN t.id IS NOT NULL THEN 'tick recorded in pgqr.ticks'
+                    -- not current_setting('cron.database_name'): reading it needs pg_read_all_settings
+                    ELSE 'run details are in cron.job_run_details in pg_cron''s database (cron.database_name)'
+               END,
+               'pgqr.ticks'::text
+        FROM pgqr.jobs j
+        LEFT JOIN LATERAL (
+            SELECT k.id, k.at FROM pgqr.ticks k
+            WHERE j.name = 'pgqr-tick' AND k.at >= now() - interval '24 hours'
+        ) t ON true
+        ORDER BY 1, 6 DESC NULLS LAST;
     END IF;
 END
 $$;
+
+CREATE VIEW pgqr.cron_runs AS SELECT * FROM pgqr.cron_job_runs();
 
 -- Per hour over the last 24 hours (every hour listed, quiet ones as zeros), counting every refresh in the
 -- log, not each instance's latest. calls: Evolution calls made by listeners (source poll); webhook_events:

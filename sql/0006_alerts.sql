@@ -58,98 +58,92 @@ CREATE INDEX alerts_resolved_at_idx ON pgqr.alerts (resolved_at) WHERE state = '
 -- looks exactly like one that died, and QR codes go stale either way. A listener that stopped cleanly counts
 -- as a sign of life until it stopped, so a rolling restart does not fire, but an intended stop of every
 -- listener for longer than the threshold does: nobody is refreshing QR codes then.
+
+-- One view per rule, each one row (rule, firing, count, detail); pgqr.alert_rules() combines them.
+-- When pgqr was installed (the first row of pgqr.migrations) stands in for the last sign of life, as above.
+CREATE VIEW pgqr.alert_stale_qr AS
+SELECT 'stale_qr'::text AS rule,
+       x.n > 0 AS firing,
+       x.n AS count,
+       CASE WHEN x.n > 0
+            THEN format('%s connecting instance(s) without a QR refreshed in the last %s: %s%s',
+                        x.n, pgqr.human_interval(x.threshold), left(x.names, 600),
+                        CASE WHEN x.n > 10 THEN ', ...' ELSE '' END)
+            ELSE format('every connecting instance has a QR refreshed in the last %s',
+                        pgqr.human_interval(x.threshold)) END AS detail
+FROM (SELECT t.threshold, count(st.instance_name)::integer AS n,
+             string_agg(st.instance_name, ', ' ORDER BY st.rn) FILTER (WHERE st.rn <= 10) AS names
+      FROM (SELECT pgqr.setting('alert_stale_after')::interval AS threshold) t
+      LEFT JOIN LATERAL (SELECT y.instance_name, row_number() OVER () AS rn
+                         FROM pgqr.stale_instances(t.threshold) y) st ON true
+      GROUP BY t.threshold) x;
+
+CREATE VIEW pgqr.alert_no_listener AS
+SELECT 'no_listener'::text AS rule,
+       x.live = 0 AND coalesce(x.last_seen, x.installed) < now() - x.threshold AS firing,
+       x.silent AS count,
+       CASE WHEN x.live > 0 THEN format('%s live listener(s)', x.live)
+            WHEN x.last_seen IS NULL THEN format(
+                'no listener has ever connected (pgqr installed %s ago): start `pgqr run`',
+                pgqr.human_interval(now() - x.installed))
+            ELSE format('no live listener: last heartbeat %s ago, %s silent without stopping: start `pgqr run`',
+                        pgqr.human_interval(now() - x.last_seen), x.silent) END AS detail
+FROM (SELECT t.threshold, t.installed,
+             (SELECT count(*) FROM pgqr.listener_heartbeats l
+               WHERE l.stopped_at IS NULL AND l.heartbeat_at >= now() - t.threshold)::integer AS live,
+             (SELECT count(*) FROM pgqr.listener_heartbeats l
+               WHERE l.stopped_at IS NULL AND l.heartbeat_at < now() - t.threshold)::integer AS silent,
+             (SELECT max(coalesce(l.stopped_at, l.heartbeat_at)) FROM pgqr.listener_heartbeats l) AS last_seen
+      FROM (SELECT pgqr.setting('alert_listener_after')::interval AS threshold,
+                   coalesce((SELECT min(applied_at) FROM pgqr.migrations), now()) AS installed) t) x;
+
+-- A paused tick job is not a broken one; the threshold grows with a slower tick schedule.
+CREATE VIEW pgqr.alert_ticks_not_firing AS
+SELECT 'ticks_not_firing'::text AS rule,
+       coalesce(x.tick_on, false) AND x.age > x.threshold AS firing,
+       floor(extract(epoch FROM x.age) / 60)::integer AS count,
+       CASE WHEN NOT coalesce(x.tick_on, false) THEN 'the pgqr-tick job is paused'
+            WHEN x.last_seen IS NULL THEN format(
+                'no tick yet, pgqr installed %s ago: is pg_cron running? (pgqr doctor)', pgqr.human_interval(x.age))
+            ELSE format('last tick %s ago%s', pgqr.human_interval(x.age),
+                        CASE WHEN x.age > x.threshold THEN ': is pg_cron running? (pgqr doctor)' ELSE '' END)
+       END AS detail
+FROM (SELECT y.*, now() - coalesce(y.last_seen, y.installed) AS age
+      FROM (SELECT (SELECT j.active FROM pgqr.jobs j WHERE j.name = 'pgqr-tick') AS tick_on,
+                   greatest(pgqr.setting('alert_tick_after')::interval,
+                            3 * coalesce(pgqr.setting('tick_every')::interval, interval '1 minute')) AS threshold,
+                   (SELECT max(k.at) FROM pgqr.ticks k) AS last_seen,
+                   coalesce((SELECT min(applied_at) FROM pgqr.migrations), now()) AS installed) y) x;
+
+CREATE VIEW pgqr.alert_evolution_failures AS
+SELECT 'evolution_failures'::text AS rule,
+       x.calls >= x.min_calls AND coalesce(x.failures::float8 / nullif(x.calls, 0) > x.max_rate, false) AS firing,
+       x.failures AS count,
+       format('%s of %s Evolution calls failed in the last %s (%s%%, threshold %s%%)%s',
+              x.failures, x.calls, pgqr.human_interval(x.threshold),
+              CASE WHEN x.calls > 0 THEN round(100.0 * x.failures / x.calls) ELSE 0 END,
+              round((100 * x.max_rate)::numeric), coalesce(': ' || x.classes, '')) AS detail
+FROM (SELECT y.*,
+             (SELECT count(*) FROM pgqr.refresh_log l
+               WHERE l.source = 'poll' AND l.at >= now() - y.threshold)::integer AS calls,
+             (SELECT count(*) FROM pgqr.refresh_log l
+               WHERE l.source = 'poll' AND l.outcome = 'failed' AND l.at >= now() - y.threshold)::integer AS failures,
+             (SELECT string_agg(format('%s %s', c.error_class, c.n), ', ' ORDER BY c.n DESC, c.error_class)
+                FROM (SELECT coalesce(l.error_class, 'unknown') AS error_class, count(*) AS n
+                        FROM pgqr.refresh_log l
+                       WHERE l.source = 'poll' AND l.outcome = 'failed' AND l.at >= now() - y.threshold
+                       GROUP BY 1) c) AS classes
+      FROM (SELECT pgqr.setting('alert_failure_window')::interval AS threshold,
+                   pgqr.setting('alert_failure_rate')::float8 AS max_rate,
+                   pgqr.setting('alert_failure_min_calls')::integer AS min_calls) y) x;
+
 CREATE FUNCTION pgqr.alert_rules()
 RETURNS TABLE (rule text, firing boolean, count integer, detail text)
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    installed  timestamptz := coalesce((SELECT min(applied_at) FROM pgqr.migrations), now());
-    threshold  interval;
-    n          integer;
-    silent     integer;
-    names      text;
-    last_seen  timestamptz;
-    age        interval;
-    calls      integer;
-    failures   integer;
-    classes    text;
-    max_rate   float8;
-    tick_on    boolean;
-BEGIN
-    threshold := pgqr.setting('alert_stale_after')::interval;
-    SELECT count(*)::integer,
-           string_agg(x.instance_name, ', ' ORDER BY x.rn) FILTER (WHERE x.rn <= 10)
-      INTO n, names
-      FROM (SELECT st.instance_name, row_number() OVER () AS rn
-              FROM pgqr.stale_instances(threshold) st) x;
-    rule := 'stale_qr';
-    firing := n > 0;
-    count := n;
-    detail := CASE WHEN n > 0
-        THEN format('%s connecting instance(s) without a QR refreshed in the last %s: %s%s',
-                    n, pgqr.human_interval(threshold), left(names, 600),
-                    CASE WHEN n > 10 THEN ', ...' ELSE '' END)
-        ELSE format('every connecting instance has a QR refreshed in the last %s',
-                    pgqr.human_interval(threshold)) END;
-    RETURN NEXT;
-
-    threshold := pgqr.setting('alert_listener_after')::interval;
-    SELECT count(*) FILTER (WHERE l.stopped_at IS NULL AND l.heartbeat_at >= now() - threshold)::integer,
-           count(*) FILTER (WHERE l.stopped_at IS NULL AND l.heartbeat_at < now() - threshold)::integer,
-           max(coalesce(l.stopped_at, l.heartbeat_at))
-      INTO n, silent, last_seen
-      FROM pgqr.listener_heartbeats l;
-    rule := 'no_listener';
-    firing := n = 0 AND coalesce(last_seen, installed) < now() - threshold;
-    count := silent;
-    detail := CASE
-        WHEN n > 0 THEN format('%s live listener(s)', n)
-        WHEN last_seen IS NULL THEN format(
-            'no listener has ever connected (pgqr installed %s ago): start `pgqr run`',
-            pgqr.human_interval(now() - installed))
-        ELSE format('no live listener: last heartbeat %s ago, %s silent without stopping: start `pgqr run`',
-                    pgqr.human_interval(now() - last_seen), silent) END;
-    RETURN NEXT;
-
-    -- A paused tick job is not a broken one; the threshold grows with a slower tick schedule.
-    SELECT j.active INTO tick_on FROM pgqr.jobs j WHERE j.name = 'pgqr-tick';
-    threshold := greatest(pgqr.setting('alert_tick_after')::interval,
-                          3 * coalesce(pgqr.setting('tick_every')::interval, interval '1 minute'));
-    SELECT max(k.at) INTO last_seen FROM pgqr.ticks k;
-    age := now() - coalesce(last_seen, installed);
-    rule := 'ticks_not_firing';
-    firing := coalesce(tick_on, false) AND age > threshold;
-    count := floor(extract(epoch FROM age) / 60)::integer;
-    detail := CASE
-        WHEN NOT coalesce(tick_on, false) THEN 'the pgqr-tick job is paused'
-        WHEN last_seen IS NULL THEN format(
-            'no tick yet, pgqr installed %s ago: is pg_cron running? (pgqr doctor)',
-            pgqr.human_interval(age))
-        ELSE format('last tick %s ago%s', pgqr.human_interval(age),
-                    CASE WHEN age > threshold THEN ': is pg_cron running? (pgqr doctor)' ELSE '' END) END;
-    RETURN NEXT;
-
-    threshold := pgqr.setting('alert_failure_window')::interval;
-    max_rate := pgqr.setting('alert_failure_rate')::float8;
-    SELECT count(*)::integer, count(*) FILTER (WHERE l.outcome = 'failed')::integer
-      INTO calls, failures
-      FROM pgqr.refresh_log l
-     WHERE l.source = 'poll' AND l.at >= now() - threshold;
-    SELECT string_agg(format('%s %s', c.error_class, c.n), ', ' ORDER BY c.n DESC, c.error_class)
-      INTO classes
-      FROM (SELECT coalesce(l.error_class, 'unknown') AS error_class, count(*) AS n
-              FROM pgqr.refresh_log l
-             WHERE l.source = 'poll' AND l.outcome = 'failed' AND l.at >= now() - threshold
-             GROUP BY 1) c;
-    rule := 'evolution_failures';
-    firing := calls >= pgqr.setting('alert_failure_min_calls')::integer
-              AND coalesce(failures::float8 / nullif(calls, 0) > max_rate, false);
-    count := failures;
-    detail := format('%s of %s Evolution calls failed in the last %s (%s%%, threshold %s%%)%s',
-                     failures, calls, pgqr.human_interval(threshold),
-                     CASE WHEN calls > 0 THEN round(100.0 * failures / calls) ELSE 0 END,
-                     round((100 * max_rate)::numeric), coalesce(': ' || classes, ''));
-    RETURN NEXT;
-END
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM pgqr.alert_stale_qr
+    UNION ALL SELECT * FROM pgqr.alert_no_listener
+    UNION ALL SELECT * FROM pgqr.alert_ticks_not_firing
+    UNION ALL SELECT * FROM pgqr.alert_evolution_failures
 $$;
 
 -- Run by the pg_cron job pgqr-alerts. Records transitions in pgqr.alerts and, only on a transition, queues
