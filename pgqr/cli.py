@@ -108,12 +108,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(args.log_format, args.log_level)
 
     async def main() -> int:
-        await _preflight(settings, settings.database_wait_seconds)
+        service = Service(settings)
+        await service.serve_http()  # a port in use is said at once, not after waiting for the database
+        try:
+            await _preflight(settings, settings.database_wait_seconds)
+        except BaseException:
+            await service.stop_http()
+            raise
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        service = Service(settings)
         await service.run(stop)
         return 1 if service.crashed else 0
 

@@ -72,6 +72,7 @@ class Service:
         self.stopping = False
         self.crashed = False  # a loop died: `pgqr run` exits 1
         self.http_port: int | None = None
+        self._runner: Any = None
         self.database_ok: bool | None = None
 
     # -- wiring -------------------------------------------------------------------------------------------
@@ -172,11 +173,19 @@ class Service:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
+    async def serve_http(self) -> None:
+        """Start the HTTP side, first of all: a port in use then fails at once, with nothing else open."""
+        if self.settings.http_port is not None and self._runner is None:
+            self._runner = await web.start(self.web_app(), self.settings.http_host, self.settings.http_port)
+            self.http_port = web.bound_port(self._runner)
+
+    async def stop_http(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
     async def run(self, stop: asyncio.Event) -> None:
-        runner = None
-        if self.settings.http_port is not None:  # first: a port in use then leaves nothing else open
-            runner = await web.start(self.web_app(), self.settings.http_host, self.settings.http_port)
-            self.http_port = web.bound_port(runner)
+        await self.serve_http()
         await self.pool.open()
         if self.alerts is not None:
             await self.alerts.start()
@@ -207,8 +216,7 @@ class Service:
             await asyncio.wait_for(asyncio.shield(self._final_writes()), FINAL_WRITES_SECONDS)
         except TimeoutError:
             log.warning("could not release leases in time", extra={"action": "release_error"})
-        if runner is not None:
-            await runner.cleanup()
+        await self.stop_http()
         await self.webhook_writes.close()
         await self.client.close()
         if self.alerts is not None:
