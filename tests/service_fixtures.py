@@ -207,3 +207,14 @@ async def children() -> AsyncIterator[list[asyncio.subprocess.Process]]:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """A child's JSON log lines; a line that is not JSON (a traceback's) comes back as {"raw": line}."""
+    records: list[dict[str, Any]] = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            records.append({"raw": line})
+    return records

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from aiohttp import web
 from conftest import Database, command_env, run_pgqr
-from service_fixtures import Env, start_pgqr, wait_until
+from service_fixtures import Env, log_records, start_pgqr, wait_until
 from sim_fixtures import fast_sim_config
 
 from pgqr import devdb, migrations
@@ -42,17 +42,6 @@ def keep(what: str, output: Path | str) -> None:
 
 def text_of(output: Path | str) -> str:
     return output.read_text(errors="replace") if isinstance(output, Path) else output
-
-
-def log_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON log lines of a child (non-JSON lines, like a traceback's, come back as {"raw": line})."""
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            records.append({"raw": line})
-    return records
 
 
 def vm_rss_mb(pid: int) -> float:

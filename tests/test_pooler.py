@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from conftest import Database, command_env, run_pgqr
 from psycopg.conninfo import make_conninfo
-from service_fixtures import Env, running_service, start_pgqr, wait_until
+from service_fixtures import Env, log_records, running_service, start_pgqr, wait_until
 
 from pgqr import devdb, migrations
 from pgqr.settings import Secret
@@ -129,17 +129,6 @@ def transaction_pooler(pg_server: devdb.DevServer) -> Iterator[Pooler]:
 def has_qr(env: Env, name: str) -> bool:
     return env.db.value("SELECT qr_code IS NOT NULL FROM public.evolution_instances WHERE instance_name = %s",
                         (name,)) is True
-
-
-def log_records(path: Path) -> list[dict[str, Any]]:
-    """The child's JSON log lines (anything else it printed is kept as a plain message)."""
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            records.append({"message": line})
-    return records
 
 
 async def get(port: int, path: str) -> tuple[int, str]:
@@ -360,9 +349,9 @@ async def test_idle_probes_sent_through_the_transaction_pooler_keep_proving_a_di
     """The idle probe NOTIFYs from a work connection (through the pooler), the way a trigger's NOTIFY comes."""
     env = quiet_env
     settings = env.settings(database_url=Secret(transaction_pooler.dsn(env.db.name)),
-                            listen_database_url=Secret(env.db.dsn), probe_seconds=0.3, fallback_seconds=3600.0)
+                            listen_database_url=Secret(env.db.dsn), probe_seconds=1.0, fallback_seconds=3600.0)
     async with self_tests(env.db) as probes, running_service(settings) as service:
-        await wait_until(lambda: len(probes) >= 4, 20, "a few idle probes")
+        await wait_until(lambda: len(probes) >= 3, 30, "a few idle probes")
         assert service.listener.listening.is_set() and not service.listener.degraded
         assert service.metrics.registry.get_sample_value("pgqr_listener_reconnects_total") == 0
         env.add("after-probes")
