@@ -9,6 +9,7 @@ LISTEN (that is listener.py's own connection).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -128,6 +129,11 @@ class Instance:
     token: str | None = field(repr=False)
     url: str | None = field(repr=False)
     waiting: bool
+
+
+def image_md5(data_url: str) -> str:
+    """How pgqr.instance_state.qr_md5 identifies a QR image (polls and webhooks must agree on it)."""
+    return hashlib.md5(data_url.encode()).hexdigest()
 
 
 def storable(*values: str | None) -> bool:

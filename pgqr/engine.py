@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -86,7 +85,7 @@ def to_result(claimed: db.Claimed, reply: Reply, started_at: datetime) -> db.Res
     if isinstance(outcome, QrCode):
         if not db.storable(outcome.base64, outcome.pairing_code):
             return db.Result(outcome="failed", http_status=outcome.http_status, error_class="bad_reply", **common)
-        md5 = hashlib.md5(outcome.base64.encode()).hexdigest()
+        md5 = db.image_md5(outcome.base64)
         return db.Result(outcome="qr", md5=md5, qr=None if md5 == claimed.qr_md5 else outcome.base64,
                          pairing_code=outcome.pairing_code, qr_count=outcome.count,
                          http_status=outcome.http_status, **common)

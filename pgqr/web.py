@@ -13,7 +13,6 @@ section 4): see pgqr/tokens.py for what is checked. Every refusal is counted by 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -249,7 +248,7 @@ async def _webhook(request: web.Request, deps: Deps) -> web.Response:
         # Evolution sends the instance's token, or null when it does not expose tokens (then the secret decides)
         if apikey is not None and not deps.auth.apikey_ok(apikey, instance.token):
             raise _unauthorized("wrong_apikey")
-        md5 = _md5(event.qr) if event.qr else None
+        md5 = db.image_md5(event.qr) if event.qr else None
         result = db.Result(key=instance.key, source="webhook", outcome=event.outcome, md5=md5, qr=event.qr,
                            pairing_code=event.pairing_code, evolution_state=event.evolution_state,
                            error_class=event.error_class)
@@ -268,10 +267,6 @@ async def _webhook(request: web.Request, deps: Deps) -> web.Response:
     log.info("webhook %s for %s", event_name, event.name,
              extra={"action": "webhook", "event": event_name, "instance": event.name, "applied": applied})
     return web.json_response({"recorded": applied, "qr_updated": bool(rec and rec.qr_updated)})
-
-
-def _md5(text: str) -> str:
-    return hashlib.md5(text.encode()).hexdigest()
 
 
 async def healthz(request: web.Request) -> web.Response:
