@@ -32,11 +32,11 @@ lint: venv
 # disabled, so nothing listens on 6432 by default (where there is no systemd, invoke-rc.d's start may still run).
 system:
 	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -f $(PG_LIB)/pg_cron.so ] || [ ! -x /usr/sbin/pgbouncer ] \
-	    || [ ! -x /usr/bin/chromium ] \
+	    || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/faketime ] \
 	    || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
-	  echo "installing postgresql-15 postgresql-15-cron pgbouncer python3-venv chromium"; \
+	  echo "installing postgresql-15 postgresql-15-cron pgbouncer python3-venv chromium faketime"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    postgresql-15 postgresql-15-cron pgbouncer python3-venv chromium >/dev/null; \
+	    postgresql-15 postgresql-15-cron pgbouncer python3-venv chromium faketime >/dev/null; \
 	  $(SUDO) service pgbouncer stop >/dev/null 2>&1 || true; \
 	  $(SUDO) update-rc.d pgbouncer disable >/dev/null 2>&1 || true; \
 	  $(SUDO) systemctl disable --now pgbouncer >/dev/null 2>&1 || true; \

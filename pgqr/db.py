@@ -8,7 +8,6 @@ LISTEN (that is listener.py's own connection).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -84,7 +83,8 @@ class Claimed:
     url: str | None = field(repr=False)
     phone: str | None = field(repr=False)
     qr_md5: str | None
-    claimed_at: datetime
+    claimed_at: datetime    # the database's clock: the call's start, as every comparison takes it
+    claim_id: int           # the fence: the result of this call writes only while this is the instance's claim
 
 
 @dataclass(frozen=True)
@@ -101,23 +101,26 @@ class Result:
     http_status: int | None = None
     latency_ms: float | None = None
     error_class: str | None = None
-    started_at: datetime | None = None
     evolution_state: str | None = None
-    final: bool = False  # the last hand-in of a result kept busy: logged as not applied instead of busy again
+    final: bool = False  # the last hand-in of a result kept busy: logged as not written instead of busy again
+    claim_id: int | None = None  # a poll's claim (Claimed.claim_id); a webhook holds none
 
     def as_json(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["started_at"] = self.started_at.isoformat() if self.started_at else None
-        return doc
+        return asdict(self)
 
 
 @dataclass(frozen=True)
 class Recorded:
+    """What pgqr.record_results() did with one result."""
+
     key: str
-    applied: bool
-    busy: bool
+    written: bool           # it took effect (pgqr's estimate, and the app's row where the result writes one)
+    claim_held: bool        # a poll's claim was still the instance's (a webhook's: the instance was waiting)
+    busy: bool              # a lock held elsewhere: hand it in again
     qr_updated: bool
-    outcome: str
+    outcome: str            # as recorded: app_refused when the app's table refused the write
+    reason: str | None      # why it was not written (superseded, not_waiting, busy, the app's refusal), or
+                            # image_already_replaced
 
 
 @dataclass(frozen=True)
@@ -170,78 +173,6 @@ async def record_results(pool: Pool, owner: str, results: list[Result]) -> list[
     return rows
 
 
-class GroupWriter:
-    """Single results (webhooks) written together: while one batch is in pgqr.record_results, the next one
-    gathers, so under load many webhooks share one round trip and one transaction (a group commit), and at
-    rest each is written alone at once. A key appears at most once per batch (record_results keeps the last
-    of a key, and each webhook must be answered for itself)."""
-
-    def __init__(self, pool: Pool, owner: str, *, max_batch: int = 64) -> None:
-        self.pool, self.owner, self.max_batch = pool, owner, max_batch
-        self._pending: list[tuple[Result, asyncio.Future[list[Recorded]]]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def record(self, results: list[Result]) -> list[Recorded]:
-        """What record_results would return for these results (one: written with whatever else is waiting)."""
-        if len(results) != 1:
-            return await record_results(self.pool, self.owner, results)
-        done: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
-        self._pending.append((results[0], done))
-        self._wake.set()
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._write_forever(), name="webhook writes")
-        return await done
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for _, done in self._pending:
-            done.cancel()
-        self._pending = []
-
-    async def _write_forever(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                batch: list[tuple[Result, asyncio.Future[list[Recorded]]]] = []
-                rest, keys = [], set()
-                for item in self._pending:
-                    if len(batch) < self.max_batch and item[0].key not in keys:
-                        batch.append(item)
-                        keys.add(item[0].key)
-                    else:
-                        rest.append(item)
-                self._pending = rest
-                await self._write(batch)
-
-    async def _write(self, batch: list[tuple[Result, asyncio.Future[list[Recorded]]]]) -> None:
-        try:
-            rows = await record_results(self.pool, self.owner, [result for result, _ in batch])
-        except psycopg.DataError as exc:
-            if len(batch) == 1:  # the one the database refuses answers for itself
-                self._fail(batch, exc)
-            for item in batch if len(batch) > 1 else []:
-                await self._write([item])
-            return
-        except Exception as exc:  # the database is away (or a bug): every waiting webhook hears of it
-            self._fail(batch, exc)
-            return
-        by_key = {row.key: row for row in rows}
-        for result, done in batch:
-            if not done.done():  # its request may have gone (cancelled): the write stands anyway
-                done.set_result([by_key[result.key]] if result.key in by_key else [])
-
-    @staticmethod
-    def _fail(batch: list[tuple[Result, asyncio.Future[list[Recorded]]]], exc: Exception) -> None:
-        for _, done in batch:
-            if not done.done():
-                done.set_exception(exc)
-
-
 async def next_due_in(pool: Pool) -> float | None:
     value = await pool.value("SELECT pgqr.next_due_in()")
     return None if value is None else float(value)
@@ -289,6 +220,7 @@ class PageState:
     qr_expires_at: datetime | None
     last_outcome: str | None
     last_error_class: str | None
+    db_now: datetime                # the database's clock when read: pages count down on it, not the sidecar's
 
 
 async def page_states(pool: Pool, keys: list[str]) -> list[PageState]:
@@ -299,7 +231,7 @@ async def page_states(pool: Pool, keys: list[str]) -> list[PageState]:
                coalesce(a.status = b.connected_value, false) AS connected,
                coalesce(a.qr, s.qr) AS qr, coalesce(a.pairing_code, s.pairing_code) AS pairing_code,
                a.phone IS NOT NULL AND a.phone <> '' AS has_phone, s.qr_expires_at,
-               s.last_outcome::text AS last_outcome, s.last_error_class
+               s.last_outcome::text AS last_outcome, s.last_error_class, now() AS db_now
         FROM pgqr.app_rows(%s::text[]) a
         CROSS JOIN pgqr.binding b
         LEFT JOIN pgqr.instance_state s ON s.key = a.key""", (keys,))

@@ -1,6 +1,6 @@
 """The refresh engine: claim due instances for free call slots, call Evolution, stream results back.
 
-Due times live in the database (pgqr.plan_next in sql/0004_refresh.sql follows each QR's life); this module
+Due times live in the database (pgqr.plan_next in sql/0009_fence.sql follows each QR's life); this module
 keeps every concurrency slot busy with due instances and writes results back in small batches as they
 complete, never waiting for the slowest call of a batch. A result the database reports busy (its row held by
 the app or another writer) is handed in again a little later; one bad row never fails the others.
@@ -10,25 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
-
-from . import db
+from . import db, writeback
 from .evolution import Connected, EvolutionClient, Failure, NoQrYet, QrCode, Reply
-from .settings import Settings, describe, reveal
+from .settings import Settings, reveal
 
 log = logging.getLogger("pgqr.engine")
-
-BATCH = 64                # results per write-back at most
-BUSY_RETRIES = 25         # a busy row is handed in again this many times (about 2.5 s), then left to its lease
-BUSY_DELAY = 0.1
 
 
 @dataclass(frozen=True)
@@ -37,7 +29,7 @@ class InstanceResult:
 
     key: str
     instance_name: str
-    outcome: str            # qr_stored | qr_unchanged | no_qr | connected | closed | gave_up | failed | not_applied
+    outcome: str  # qr_stored | qr_unchanged | no_qr | connected | closed | gave_up | failed | app_refused | not_applied
     error_class: str | None
     http_status: int | None
     latency_ms: float | None
@@ -45,7 +37,7 @@ class InstanceResult:
 
     @property
     def success(self) -> bool:
-        return self.outcome not in ("failed", "not_applied")
+        return self.outcome not in ("failed", "not_applied", "app_refused")
 
 
 @dataclass
@@ -71,16 +63,18 @@ class Summary:
             "closed": counts["closed"],
             "gave_up": counts["gave_up"],
             "not_applied": counts["not_applied"],
-            "failed": self.failed - counts["not_applied"],
+            "app_refused": counts["app_refused"],
+            "failed": self.failed - counts["not_applied"] - counts["app_refused"],
             "failed_by_class": dict(sorted(by_class.items())),
             "results": [asdict(r) for r in self.results],
         }
 
 
-def to_result(claimed: db.Claimed, reply: Reply, started_at: datetime) -> db.Result:
-    """Map a client outcome to the write path's record."""
+def to_result(claimed: db.Claimed, reply: Reply) -> db.Result:
+    """Map a client outcome to the write path's record: the claim's number, never a timestamp of this host's
+    (the database dates the call by its claim)."""
     common: dict[str, Any] = {"key": claimed.key, "source": "poll", "latency_ms": round(reply.latency_ms, 2),
-                              "started_at": started_at}
+                              "claim_id": claimed.claim_id}
     outcome = reply.outcome
     if isinstance(outcome, QrCode):
         if not db.storable(outcome.base64, outcome.pairing_code):
@@ -96,26 +90,37 @@ def to_result(claimed: db.Claimed, reply: Reply, started_at: datetime) -> db.Res
     return db.Result(outcome="failed", http_status=outcome.http_status, error_class=outcome.error_class, **common)
 
 
+def bad_reply(result: db.Result) -> db.Result:
+    """What a poll result the database refuses (a value the client should have caught) becomes: that
+    instance's bad_reply, so it backs off like any other bad reply."""
+    return db.Result(key=result.key, source=result.source, outcome="failed", error_class="bad_reply",
+                     http_status=result.http_status, latency_ms=result.latency_ms, claim_id=result.claim_id)
+
+
+NOT_WRITTEN = {
+    "superseded": "not written: the row changed during the call (renamed, moved, stopped waiting) or was claimed "
+                  "again",
+    "not_waiting": "not written: the app moved the row out of waiting",
+    "busy": "not written: the app kept the row locked",
+}
+
+
 def report(claimed: db.Claimed, reply: Reply, result: db.Result, recorded: db.Recorded | None) -> InstanceResult:
     outcome: str = result.outcome
-    if recorded is None or not recorded.applied:
-        outcome = "not_applied" if result.outcome != "failed" else "failed"
+    detail = reply.outcome.detail if isinstance(reply.outcome, Failure) else None
+    if recorded is not None and recorded.outcome == "app_refused":
+        outcome, detail = "app_refused", f"the app's table refused the write ({recorded.reason})"
+    elif recorded is None or not recorded.written:
+        if result.outcome != "failed":
+            outcome = "not_applied"
+            reason = recorded.reason if recorded is not None else None
+            detail = NOT_WRITTEN.get(reason or "", "not written: the database could not be reached")
     elif result.outcome == "qr":
         outcome = "qr_stored" if recorded.qr_updated else "qr_unchanged"
-    detail = reply.outcome.detail if isinstance(reply.outcome, Failure) else None
-    if outcome == "not_applied":
-        detail = "the write was dropped: the lease was lost or the app moved the row out of waiting"
+        if recorded.reason == "image_already_replaced":
+            detail = "an image this instance already had: not written again"
     return InstanceResult(claimed.key, claimed.name, outcome, result.error_class, result.http_status,
                           result.latency_ms, detail)
-
-
-@dataclass
-class _Pending:
-    claimed: db.Claimed
-    reply: Reply
-    result: db.Result
-    done: asyncio.Future[db.Recorded | None]
-    tries: int = 0
 
 
 class Engine:
@@ -130,11 +135,11 @@ class Engine:
         self.observe = observe
         self.in_flight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
-        self._buffer: list[_Pending] = []
-        self._buffered = asyncio.Event()
         self._flushed = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._writing = False
+        # a busy row is handed in again for about 2.5 s, then logged as not written and left to its lease
+        self.writer = writeback.ResultWriter(pool, owner, linger=settings.flush_ms / 1000, patience=2.5,
+                                             capacity=max(writeback.BATCH * 4, settings.concurrency),
+                                             on_bad_row=bad_reply)
         self._lease_seconds = 30.0
 
     # -- the producer: claim for free slots ---------------------------------------------------------------
@@ -142,7 +147,6 @@ class Engine:
     async def run_forever(self, wake: asyncio.Event, stopping: Callable[[], bool]) -> None:
         """Keep every slot busy with due instances; between due times sleep until the earliest one, a wake-up
         (NOTIFY, a freed slot with work waiting, a write-back that moved due times) or the fallback timer."""
-        self._start_flusher()
         self._lease_seconds = await self._lease()
         while not stopping():
             wake.clear()
@@ -157,15 +161,15 @@ class Engine:
                 self._slot_freed.clear()
                 await self._wait_any(wake, self._slot_freed, timeout=self.settings.fallback_seconds)
                 continue
+            # cleared before the due time is read: a write-back that lands while it is read still wakes us
+            self._flushed.clear()
             due_in = await db.next_due_in(self.pool)
             sleep = self.settings.fallback_seconds if due_in is None else min(due_in, self.settings.fallback_seconds)
             if sleep > 0:
-                self._flushed.clear()
                 await self._wait_any(wake, self._flushed, timeout=sleep)
 
     async def run_once(self, stopping: Callable[[], bool] = lambda: False) -> Summary:
         """Refresh every instance due now, each once, and wait for every write-back."""
-        self._start_flusher()
         summary = Summary()
         futures: list[asyncio.Future[InstanceResult]] = []
         due_by = await self.pool.value("SELECT now()")
@@ -198,14 +202,7 @@ class Engine:
         await self.close()
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._buffered.set()
-            # the flusher takes a batch out of the buffer before writing it: wait for that write too
-            while (self._buffer or self._writing) and not self._flusher.done():
-                await asyncio.sleep(0.01)
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
+        await self.writer.close()
 
     @staticmethod
     async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
@@ -230,20 +227,18 @@ class Engine:
         self._slot_freed.set()
 
     async def _refresh(self, claimed: db.Claimed, outcome: asyncio.Future[InstanceResult]) -> None:
-        started_at = datetime.now(UTC)
         reply = await self._call(claimed)
-        result = to_result(claimed, reply, started_at)
-        done: asyncio.Future[db.Recorded | None] = asyncio.get_running_loop().create_future()
-        pending = _Pending(claimed, reply, result, done)
-        self._buffer.append(pending)
-        self._buffered.set()
-        # the write-back happens in the flusher: a slot is free as soon as the call is over
-        done.add_done_callback(lambda f: self._finish(pending, outcome))
+        result = to_result(claimed, reply)
+        # the slot frees once the result is in the (bounded) write-back buffer: a full buffer holds the slot,
+        # and so slows the claims, instead of growing
+        done = await self.writer.put(result)
+        done.add_done_callback(lambda f: self._finish(claimed, reply, result, f, outcome))
 
-    def _finish(self, pending: _Pending, outcome: asyncio.Future[InstanceResult]) -> None:
-        done, claimed = pending.done, pending.claimed
+    def _finish(self, claimed: db.Claimed, reply: Reply, result: db.Result,
+                done: asyncio.Future[db.Recorded | None], outcome: asyncio.Future[InstanceResult]) -> None:
         recorded = None if done.cancelled() or done.exception() else done.result()
-        item = report(claimed, pending.reply, pending.result, recorded)
+        self._flushed.set()
+        item = report(claimed, reply, result, recorded)
         with contextlib.suppress(Exception):  # metrics and logs are a courtesy
             self.observe(item)
             log.info("refreshed %s: %s", claimed.name, item.detail or item.outcome,
@@ -268,81 +263,3 @@ class Engine:
             # one instance a retry, not the others their write-back
             log.exception("refreshing %s crashed", claimed.name, extra={"action": "refresh_error"})
             return Reply(Failure("internal", True, None, "unexpected error (see the listener's log)"), 0.0)
-
-    # -- the write-back: small batches, as results come in -------------------------------------------------
-
-    def _start_flusher(self) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_forever(), name="flush")
-
-    async def _flush_forever(self) -> None:
-        while True:
-            await self._buffered.wait()
-            if len(self._buffer) < BATCH:
-                await asyncio.sleep(self.settings.flush_ms / 1000)  # let a few more arrive
-            batch, self._buffer = self._buffer[:BATCH], self._buffer[BATCH:]
-            if not self._buffer:
-                self._buffered.clear()
-            if batch:
-                self._writing = True
-                try:
-                    await self._flush(batch)
-                finally:
-                    self._writing = False
-                self._flushed.set()
-
-    async def _flush(self, batch: list[_Pending]) -> None:
-        try:
-            recorded = await db.record_results(self.pool, self.owner, [p.result for p in batch])
-        except psycopg.DataError:
-            # a row the database refuses (a value the client should have caught) must not cost the others:
-            # write them one by one, and the one that still fails as its instance's bad_reply
-            if len(batch) > 1:
-                await asyncio.gather(*(self._flush([p]) for p in batch))
-            elif batch[0].result.outcome != "failed":
-                p = batch[0]
-                p.result = db.Result(key=p.result.key, source=p.result.source, outcome="failed",
-                                     error_class="bad_reply", http_status=p.result.http_status,
-                                     latency_ms=p.result.latency_ms, started_at=p.result.started_at)
-                await self._flush([p])
-            else:
-                self._give_up(batch)
-            return
-        except (psycopg.Error, OSError) as exc:
-            log.warning("write-back of %d results failed: %s", len(batch), describe(exc),
-                        extra={"action": "write_error"})
-            self._retry(batch, delay=1.0)
-            return
-        by_key = {r.key: r for r in recorded}
-        busy = []
-        for p in batch:
-            rec = by_key.get(p.result.key)
-            if rec is not None and rec.busy:
-                busy.append(p)
-            elif not p.done.done():
-                p.done.set_result(rec)
-        self._retry(busy, delay=BUSY_DELAY)
-
-    def _retry(self, batch: list[_Pending], delay: float) -> None:
-        keep = []
-        for p in batch:
-            p.tries += 1
-            if p.tries > BUSY_RETRIES:
-                self._give_up([p])
-                continue
-            if p.tries == BUSY_RETRIES:
-                # the last try: still busy, it is logged as not applied (the call did happen), not retried
-                p.result = dataclasses.replace(p.result, final=True)
-            keep.append(p)
-        if keep:
-            asyncio.get_running_loop().call_later(delay, self._requeue, keep)
-
-    def _requeue(self, batch: list[_Pending]) -> None:
-        self._buffer.extend(batch)
-        self._buffered.set()
-
-    def _give_up(self, batch: list[_Pending]) -> None:
-        for p in batch:
-            if not p.done.done():
-                p.done.set_result(None)  # the lease runs out and the instance is claimed again
-

@@ -63,7 +63,8 @@ class View:
 
     @cached_property
     def encoded(self) -> bytes:
-        """The event's JSON without its opening brace: each write prepends the server's clock (for the countdown)."""
+        """The event's JSON without its opening brace: each write prepends the database's clock (the countdown
+        runs on it)."""
         doc = {"state": self.state, "title": self.title, "detail": self.detail, "name": self.name, "qr": self.qr,
                "pairing_code": self.pairing_code, "expires_at": self.expires_at_ms}
         return json.dumps(doc, separators=(",", ":")).encode()[1:]
@@ -142,6 +143,12 @@ class Hub:
         self._wake = asyncio.Event()
         self.closed = False
         self.reads = 0                      # statements run, for tests and the bench
+        # the database's clock less this host's, as of the last read: a page counts the QR's life (the
+        # database's estimate) down from the database's now, whatever this host's clock says
+        self.clock_offset = 0.0
+
+    def db_now_ms(self) -> int:
+        return int((time.time() + self.clock_offset) * 1000)
 
     @property
     def viewers(self) -> int:
@@ -200,6 +207,8 @@ class Hub:
                 try:
                     self.reads += 1
                     states = {s.key: s for s in await self._read(chunk)}
+                    for s in list(states.values())[:1]:
+                        self.clock_offset = s.db_now.timestamp() - time.time()
                 except Exception as exc:
                     # the database is away: keep what viewers have; the reconnect (or the next sweep) reads again
                     log.warning("live page read failed: %s", describe(exc), extra={"action": "page_read_error"})
@@ -274,7 +283,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                     break
                 view = await viewer.next(min(KEEPALIVE_SECONDS, left))
                 if view is not None:
-                    await response.write(view.frame(int(time.time() * 1000)))
+                    await response.write(view.frame(hub.db_now_ms()))
                 elif not hub.closed:
                     await response.write(b": keepalive\n\n")
     except ConnectionResetError:  # the viewer left

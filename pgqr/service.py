@@ -19,7 +19,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import __version__, db, page, tokens, web
+from . import __version__, db, page, tokens, web, writeback
 from .alerts import AlertForwarder
 from .engine import Engine, InstanceResult
 from .evolution import EvolutionClient
@@ -52,7 +52,9 @@ class Service:
         self.client = EvolutionClient(timeout=settings.http_timeout, max_reply_bytes=settings.max_reply_bytes,
                                       concurrency=settings.concurrency)
         self.engine = Engine(settings, self.pool, self.client, self.owner, observe=self._observe)
-        self.webhook_writes = db.GroupWriter(self.pool, self.owner)
+        # webhooks have their own writer (never queued behind a poll write-back); one that meets a write of the
+        # same instance waits for it, up to 2 s, well under Evolution's webhook timeout
+        self.webhook_writes = writeback.ResultWriter(self.pool, self.owner, patience=2.0)
         self.wake = asyncio.Event()
         self.alerts = AlertForwarder(settings.alert_webhook_url.reveal(), self.pool, self.owner,
                                      poll_seconds=settings.fallback_seconds) if settings.alert_webhook_url else None
@@ -217,7 +219,7 @@ class Service:
         except TimeoutError:
             log.warning("could not release leases in time", extra={"action": "release_error"})
         await self.stop_http()
-        await self.webhook_writes.close()
+        await self.webhook_writes.close(wait=False)
         await self.client.close()
         if self.alerts is not None:
             await self.alerts.close()

@@ -27,7 +27,7 @@ import psycopg
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from . import db, tokens
+from . import db, tokens, writeback
 from .metrics import Metrics
 from .settings import ConfigError
 
@@ -43,7 +43,7 @@ WEBHOOK_PREFIX = "/webhooks/evolution"
 class Deps:
     """What the web app may do: nothing else of the service reaches it."""
 
-    record: Callable[[list[db.Result]], Awaitable[list[db.Recorded]]]
+    record: Callable[[db.Result], Awaitable[db.Recorded | None]]
     find: Callable[[str], Awaitable[list[db.Instance]]]
     readiness: Callable[[], list[str]]          # problems; empty when ready
     notes: Callable[[], list[str]]              # degraded but serving (readiness stays 200)
@@ -252,21 +252,28 @@ async def _webhook(request: web.Request, deps: Deps) -> web.Response:
         result = db.Result(key=instance.key, source="webhook", outcome=event.outcome, md5=md5, qr=event.qr,
                            pairing_code=event.pairing_code, evolution_state=event.evolution_state,
                            error_class=event.error_class)
-        recorded = await deps.record([result])
+        rec = await deps.record(result)
+    except writeback.Refused:
+        raise Refused(422, "bad_value", "the database cannot hold a value of this webhook") from None
     except (psycopg.Error, OSError) as exc:
         # Evolution retries a 5xx with backoff, so nothing is lost while the database is away
         log.warning("webhook %s for %s not recorded: %s", event_name, event.name, type(exc).__name__,
                     extra={"action": "webhook_error", "event": event_name, "instance": event.name})
         return web.json_response({"error": "database unavailable"}, status=503)
-    rec = recorded[0] if recorded else None
-    if rec is not None and rec.busy:
+    if rec is None:  # the database stayed away for the writer's whole patience
+        return web.json_response({"error": "database unavailable"}, status=503)
+    if rec.busy:  # only the app holds a row this long: Evolution retries
         return web.json_response({"error": "instance busy, retry"}, status=503)
-    applied = bool(rec and rec.applied)
-    if not recorded:
+    if rec.outcome == "app_refused":
+        # a 4xx: Evolution does not retry what the app's table will refuse again
+        log.warning("webhook %s for %s: the app's table refused the write (%s)", event_name, event.name,
+                    rec.reason, extra={"action": "webhook_app_refused", "event": event_name, "instance": event.name})
+        raise Refused(422, "app_refused", "the app's table refused this write")
+    if rec.reason == "repeat":
         deps.metrics.webhook_repeats.inc()  # the state pgqr already holds: nothing written
     log.info("webhook %s for %s", event_name, event.name,
-             extra={"action": "webhook", "event": event_name, "instance": event.name, "applied": applied})
-    return web.json_response({"recorded": applied, "qr_updated": bool(rec and rec.qr_updated)})
+             extra={"action": "webhook", "event": event_name, "instance": event.name, "written": rec.written})
+    return web.json_response({"recorded": rec.written, "qr_updated": rec.qr_updated})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -556,7 +556,7 @@ async def test_a_row_the_app_moves_out_of_waiting_mid_call_never_gets_a_qr(db: D
     row = app.rows()[key]
     if moved:
         assert (row["status"], row["qr_code"], row["qr_updated_at"]) == ("close", None, None)
-        assert db.value("SELECT bool_or(applied) FROM pgqr.refresh_log WHERE instance_key = %s", (key,)) is False
+        assert db.value("SELECT bool_or(written) FROM pgqr.refresh_log WHERE instance_key = %s", (key,)) is False
     else:
         assert (row["status"], row["qr_code"]) == ("connecting", "data:image/png;base64,LATE")
     assert app.warnings == []

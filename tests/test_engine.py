@@ -165,7 +165,7 @@ async def test_a_repeated_connection_update_writes_nothing(env: Env) -> None:
     await pool.open()
     try:
         event = db.Result(key=key, source="webhook", outcome="event", evolution_state="connecting")
-        assert [r.applied for r in await db.record_results(pool, "w", [event])] == [True]
+        assert [r.written for r in await db.record_results(pool, "w", [event])] == [True]
         before = env.db.value("SELECT pg_current_wal_insert_lsn()::text")
         log_rows = len(env.log("flappy"))
         for _ in range(30):
@@ -174,7 +174,7 @@ async def test_a_repeated_connection_update_writes_nothing(env: Env) -> None:
         assert len(env.log("flappy")) == log_rows
         # positive control: a different state is written
         changed = db.Result(key=key, source="webhook", outcome="event", evolution_state="close")
-        assert [r.applied for r in await db.record_results(pool, "w", [changed])] == [True]
+        assert [r.written for r in await db.record_results(pool, "w", [changed])] == [True]
         assert env.row("flappy")["evolution_state"] == "close"
     finally:
         await pool.close()

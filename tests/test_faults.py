@@ -111,7 +111,7 @@ async def test_a_replica_killed_mid_reconcile_leaves_no_instance_behind_and_none
     def everyone_refreshed() -> bool:
         return env.db.value(
             "SELECT count(*) FROM pgqr.instance_state s WHERE EXISTS (SELECT 1 FROM pgqr.refresh_log l WHERE "
-            "l.instance_key = s.key AND l.applied AND l.qr_updated AND l.owner NOT LIKE %s)",
+            "l.instance_key = s.key AND l.written AND l.qr_updated AND l.owner NOT LIKE %s)",
             (f"%:{victim.pid}:%",)) == len(names)
 
     # the lease (9 s) plus one fallback period (3 s), with a generous margin for a busy machine

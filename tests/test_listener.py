@@ -267,7 +267,7 @@ async def test_sigterm_finishes_the_call_in_flight_and_exits_0_within_the_grace_
     status = await asyncio.wait_for(proc.wait(), 25)
     output = (tmp_path / "out.log").read_text()
     assert status == 0, output
-    assert [(r["outcome"], r["applied"], r["owner"]) for r in env.log("inflight")] == [("qr", True, owner)]
+    assert [(r["outcome"], r["written"], r["owner"]) for r in env.log("inflight")] == [("qr", True, owner)]
     row = env.row("inflight")
     assert row["qr_code"] is not None and row["lease_owner"] is None
     assert env.db.value("SELECT count(*) FROM pgqr.instance_state WHERE lease_owner IS NOT NULL") == 0

@@ -83,10 +83,10 @@ def test_instance_health_shows_each_instances_bookkeeping_from_claim_and_record_
         {"key": claimed["alpha"]["key"], "source": "poll", "outcome": "qr", "md5": "QQ",
          # 2 s: a connect slow enough to have gone through Evolution's close branch made this QR during the call
          "qr": "data:image/png;base64,QQ==", "qr_count": 1, "http_status": 200, "latency_ms": 2000,
-         "started_at": claimed["alpha"]["claimed_at"].isoformat()},
+         "claim_id": claimed["alpha"]["claim_id"]},
         {"key": claimed["beta"]["key"], "source": "poll", "outcome": "failed", "http_status": 401,
          "latency_ms": 12, "error_class": "unauthorized",
-         "started_at": claimed["beta"]["claimed_at"].isoformat()},
+         "claim_id": claimed["beta"]["claim_id"]},
     ]
     quiet.query("SELECT * FROM pgqr.record_results('L1', %s::jsonb)", (json.dumps(results),))
     # nothing due: alpha's QR is new, beta is in backoff
@@ -184,7 +184,7 @@ def test_refresh_stats_counts_every_refresh_per_hour(quiet: Database) -> None:
     # one transaction: now() is the same for the inserts and the view, so no hour boundary can fall between
     with psycopg.connect(quiet.dsn) as conn:
         conn.execute(
-            """INSERT INTO pgqr.refresh_log (at, instance_key, source, outcome, applied, qr_updated,
+            """INSERT INTO pgqr.refresh_log (at, instance_key, source, outcome, written, qr_updated,
                                              http_status, latency_ms, error_class, instance_name)
                SELECT v.*, 'shop-' || v.key FROM (VALUES
                       (date_trunc('hour', now()), 'a', 'poll'::pgqr.source, 'qr'::pgqr.outcome, true, true, 200,
@@ -197,7 +197,7 @@ def test_refresh_stats_counts_every_refresh_per_hour(quiet: Database) -> None:
                       (date_trunc('hour', now()) - interval '2 hours', 'c', 'poll', 'failed', true, false,
                        401, 5, 'unauthorized'),
                       (now() - interval '30 hours', 'old', 'poll', 'failed', true, false, 500, 5, 'server_error')
-               ) v(at, key, source, outcome, applied, qr_updated, http_status, latency_ms, error_class)""")
+               ) v(at, key, source, outcome, written, qr_updated, http_status, latency_ms, error_class)""")
         rows = conn.execute(
             """SELECT hour = date_trunc('hour', now()), hour = date_trunc('hour', now()) - interval '2 hours',
                       calls, webhook_events, successes, failures, failures_by_class, qr_updates, instances,
@@ -390,7 +390,7 @@ def test_ticks_not_firing_stays_quiet_while_paused_and_scales_with_the_tick_peri
 
 def _log_calls(db: Database, outcome: str, n: int, error_class: str | None = None) -> None:
     db.query(
-        """INSERT INTO pgqr.refresh_log (instance_key, instance_name, source, outcome, applied, qr_updated,
+        """INSERT INTO pgqr.refresh_log (instance_key, instance_name, source, outcome, written, qr_updated,
                                          error_class)
            SELECT g, 'i' || g, 'poll', %s, true, false, %s FROM generate_series(1, %s) g""",
         (outcome, error_class, n))
@@ -412,7 +412,7 @@ def test_evolution_failures_fire_above_the_rate_and_resolve_below_it(quiet: Data
 
 def test_evolution_failures_ignore_a_handful_of_calls_and_old_ones(quiet: Database, alerts: Alerts) -> None:
     _log_calls(quiet, "failed", 4, "timeout")  # 4 of 4, under alert_failure_min_calls (5)
-    quiet.query("INSERT INTO pgqr.refresh_log (at, instance_key, instance_name, source, outcome, applied, "
+    quiet.query("INSERT INTO pgqr.refresh_log (at, instance_key, instance_name, source, outcome, written, "
                 "qr_updated) SELECT now() - interval '1 hour', 'x', 'x', 'poll', 'failed', true, false "
                 "FROM generate_series(1, 50)")
     assert alerts.check()["evolution_failures"]["state"] == "ok"
@@ -450,7 +450,7 @@ def test_a_setting_is_validated_when_written_with_a_clear_message(quiet: Databas
 
 
 def test_housekeeping_prunes_history_older_than_the_retention(quiet: Database) -> None:
-    quiet.query("""INSERT INTO pgqr.refresh_log (at, instance_key, instance_name, source, outcome, applied,
+    quiet.query("""INSERT INTO pgqr.refresh_log (at, instance_key, instance_name, source, outcome, written,
                                                  qr_updated)
                    VALUES (now() - interval '8 days', 'a', 'a', 'poll', 'qr', true, true),
                           (now() - interval '6 days', 'a', 'a', 'poll', 'qr', true, true)""")

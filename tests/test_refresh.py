@@ -30,7 +30,7 @@ async def test_a_new_qr_is_stored_logged_and_announced_without_the_image_or_toke
     assert [(r.instance_name, r.success, r.outcome) for r in summary.results] == [("shop", True, "qr_stored")]
     assert payloads == [{"key": str(row["id"]), "event": "qr", "expires_at": payloads[0]["expires_at"]}]
     [log] = env.log("shop")
-    assert (log["source"], log["outcome"], log["applied"], log["qr_updated"], log["http_status"]) == (
+    assert (log["source"], log["outcome"], log["written"], log["qr_updated"], log["http_status"]) == (
         "poll", "qr", True, True, 200)
     assert log["instance_key"] == str(row["id"]) and log["latency_ms"] > 0
     assert token not in json.dumps(payloads) and token not in str(log)
@@ -185,20 +185,22 @@ async def test_a_late_write_from_an_expired_lease_is_dropped(env: Env) -> None:
     env.add("shop")
     key = str(env.row("shop")["id"])
     with env.db.connect() as conn:
-        conn.execute("SELECT * FROM pgqr.claim('slow-replica', 10, interval '30 seconds')")
-        # later: the slow replica's lease has run out
-        conn.execute("UPDATE pgqr.instance_state SET lease_expires_at = now() - interval '1 second'")
+        [slow] = conn.execute("SELECT * FROM pgqr.claim('slow-replica', 10, interval '30 seconds')").fetchall()
+        # later: the slow replica's lease has run out (and with it the due time the claim moved past it)
+        conn.execute("UPDATE pgqr.instance_state SET lease_expires_at = now() - interval '1 second', "
+                     "due_at = now() - interval '1 second'")
     assert [r.instance_name for r in (await env.reconcile(owner="fresh-replica")).results] == ["shop"]
     fresh_qr = env.row("shop")["qr_code"]
     with env.db.connect() as conn:
         rows = conn.execute(
             "SELECT * FROM pgqr.record_results('slow-replica', %s::jsonb)",
             (json.dumps([{"key": key, "source": "poll", "outcome": "qr", "md5": "late",
-                          "qr": "data:image/png;base64,LATE", "started_at": "2000-01-01T00:00:00Z"}]),),
+                          "qr": "data:image/png;base64,LATE", "claim_id": slow["claim_id"]}]),),
         ).fetchall()
-    assert rows == [{"key": key, "applied": False, "busy": False, "qr_updated": False, "outcome": "qr"}]
+    assert rows == [{"key": key, "written": False, "claim_held": False, "busy": False, "qr_updated": False,
+                     "outcome": "qr", "reason": "superseded"}]
     assert env.row("shop")["qr_code"] == fresh_qr
-    assert [log["applied"] for log in env.log("shop")] == [True, False]
+    assert [(log["written"], log["detail"]) for log in env.log("shop")] == [(True, None), (False, "superseded")]
 
 
 async def test_two_replicas_never_call_evolution_for_the_same_instance_at_once(env: Env) -> None:
@@ -288,7 +290,7 @@ async def test_a_poll_whose_write_the_app_kept_locked_is_still_logged_as_not_app
     env.add("busy")
     await reconcile_while_the_app_locks(env, "busy")
     assert env.sim.stats("busy").connect_calls == 1  # Evolution was called
-    assert [(log["applied"], log["qr_updated"]) for log in env.log("busy")] == [(False, False)]
+    assert [(log["written"], log["qr_updated"]) for log in env.log("busy")] == [(False, False)]
 
 
 def test_nothing_waiting_means_no_due_time_and_a_waiting_instance_is_due_now(quiet: Database) -> None:

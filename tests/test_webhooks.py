@@ -491,9 +491,9 @@ async def test_a_webhook_qr_newer_than_a_polls_claim_survives_the_polls_late_wri
         with env.db.connect() as conn:
             late = conn.execute("SELECT * FROM pgqr.record_results('slow-poller', %s::jsonb)", (json.dumps([{
                 "key": key, "source": "poll", "outcome": "qr", "qr": "data:image/png;base64,FROM-POLL",
-                "md5": "poll-md5", "http_status": 200, "started_at": str(claimed["claimed_at"])}]),)).fetchall()
+                "md5": "poll-md5", "http_status": 200, "claim_id": claimed["claim_id"]}]),)).fetchall()
         payloads = await collect(0.3)
-    assert [(r["applied"], r["qr_updated"]) for r in late] == [(True, False)]
+    assert [(r["written"], r["qr_updated"]) for r in late] == [(True, False)]
     row = env.row("shop")
     assert row["qr_code"] == webhook_qr
     assert row["lease_owner"] is None  # the poll still gave its lease back
@@ -508,7 +508,7 @@ async def test_a_poll_write_back_and_a_webhook_for_the_same_instance_do_not_dead
     with env.db.connect() as conn:
         [claimed] = conn.execute("SELECT * FROM pgqr.claim('replica-a', 10, interval '30 seconds')").fetchall()
     poll = [{"key": key, "source": "poll", "outcome": "qr", "qr": "data:image/png;base64,POLL", "md5": "p",
-             "started_at": str(claimed["claimed_at"])}]
+             "claim_id": claimed["claim_id"]}]
     hook = [{"key": key, "source": "webhook", "outcome": "qr", "qr": "data:image/png;base64,HOOK", "md5": "h"}]
     holder = await psycopg.AsyncConnection.connect(env.db.dsn)  # a third session briefly holding the state row
     replica_a = await psycopg.AsyncConnection.connect(env.db.dsn, autocommit=True)
@@ -520,7 +520,7 @@ async def test_a_poll_write_back_and_a_webhook_for_the_same_instance_do_not_dead
         second = await (await replica_b.execute(write, ("replica-b", json.dumps(hook)))).fetchall()
         await holder.commit()
         # nothing waits for a lock: each held row is reported busy, and the callers hand them in again
-        assert [r[2] for r in first] == [True] and [r[2] for r in second] == [True]
+        assert [r[3] for r in first] == [True] and [r[3] for r in second] == [True]
         outcomes = await asyncio.gather(replica_a.execute(write, ("replica-a", json.dumps(poll))),
                                         replica_b.execute(write, ("replica-b", json.dumps(hook))))
         assert len(outcomes) == 2
