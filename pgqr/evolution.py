@@ -47,7 +47,7 @@ __all__ = [
 ErrorClass = Literal[
     "not_found", "unauthorized", "not_loaded", "api_error", "empty_reply", "bad_reply", "bad_request",
     "not_activated", "http_error", "throttled", "too_large", "server_error", "timeout", "network", "config",
-    "internal",
+    "internal", "app_refused",
 ]
 
 
@@ -98,6 +98,10 @@ ERROR_CLASSES: dict[str, ErrorClassInfo] = {
               "or ..); retried, so a fixed row heals", 60, 900),
     "internal": ErrorClassInfo(
         True, "a bug caught around one call (the reconcile loop's class; the client never returns it)", 30, 900),
+    "app_refused": ErrorClassInfo(
+        False, "the app's own table refused pgqr's write (a CHECK, trigger, row security or exclusion constraint; "
+               "the refresh log's detail has its SQLSTATE and message): the call worked, nothing was written",
+        300, 300),
 }
 
 

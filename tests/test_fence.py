@@ -359,3 +359,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_a_result_whose_row_left_waiting_during_the_call_is_reported_not_applied(env: Env) -> None:
+    """`pgqr refresh --once --json` says what happened: not written, and why (it used to say qr_unchanged)."""
+    async def connect(request: web.Request) -> web.Response:
+        # the app moves the row out of waiting while Evolution answers
+        env.db.query("UPDATE public.evolution_instances SET instance_status = 'paused' WHERE instance_name = %s",
+                     (request.match_info["name"],))
+        return web.json_response({"code": "2@a", "base64": "data:image/png;base64,LATE", "count": 1})
+
+    app = web.Application()
+    app.router.add_get("/instance/connect/{name}", connect)
+    async with serve(app) as base_url:
+        env.add("leaving", sim_state=None)
+        env.add("staying", sim_state=None, status="connecting")
+        env.db.query("UPDATE pgqr.instance_state SET due_at = now() + interval '1 hour' WHERE name = 'staying'")
+        summary = await env.reconcile(evolution_api_url=Secret(base_url))
+    [result] = summary.results
+    assert (result.instance_name, result.outcome) == ("leaving", "not_applied")
+    assert result.detail is not None and "stopped waiting" in result.detail
+    assert summary.as_json()["not_applied"] == 1 and summary.as_json()["success"] is False
+    assert env.row("leaving")["qr_code"] is None and env.row("leaving")["qr_md5"] is None

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -449,3 +450,30 @@ def test_the_demo_prints_a_live_page_link_for_each_instance() -> None:
     for name in ("acme-store", "bakery-hq", "clinic-front", "ghost-shop"):
         assert re.search(rf"^  {name}  http://127\.0\.0\.1:\d+/instances/[0-9a-f-]+\?exp=\d+&sig=[\w-]{{43}}$",
                          result.stdout, re.MULTILINE), name
+
+
+@pytest.mark.parametrize("skew", ["+20s", "-20s"])
+async def test_the_countdown_counts_on_the_databases_clock_when_the_sidecars_is_off(
+        env: Env, tmp_path: Path, children: list[asyncio.subprocess.Process], skew: str) -> None:
+    """`pgqr run` under faketime: each event's `now` is the database's, so the seconds left that a page shows are
+    the database's estimate, not 20 s more or less."""
+    env.db.pause_cron()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    environment = env.command_env(PGQR_HTTP_PORT=str(port), PGQR_LINK_SECRET=LINK_SECRET,
+                                  FAKETIME_DONT_FAKE_MONOTONIC="1")
+    with (tmp_path / "run.log").open("wb") as out:
+        children.append(await asyncio.create_subprocess_exec(
+            "faketime", "-f", skew, sys.executable, "-m", "pgqr", "run", env=environment,
+            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT))
+    env.add("shop")
+    await wait_until(lambda: env.row("shop")["qr_code"] is not None, 60, "the first QR")
+    key = key_of(env, "shop")
+    async with aiohttp.ClientSession() as http:
+        stream = await open_stream(http, links.make_link(f"http://127.0.0.1:{port}", LINK_SECRET, key, 600))
+        state = await stream.until(lambda s: s["expires_at"] is not None, 30)
+        db_left = float(env.db.value("SELECT extract(epoch FROM qr_expires_at - now()) FROM pgqr.instance_state"))
+        page_left = (state["expires_at"] - state["now"]) / 1000
+        stream.response.close()
+    assert abs(page_left - db_left) < 3, (page_left, db_left)
