@@ -54,7 +54,7 @@ class ResultWriter:
         self._queue: list[_Item] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._writing = False
+        self._outstanding = 0  # put and not answered yet: queued, being written, or waiting to be handed in again
 
     async def put(self, result: db.Result) -> asyncio.Future[db.Recorded | None]:
         """Queue one result (waiting while the buffer is full); the future resolves with what record_results
@@ -62,7 +62,8 @@ class ResultWriter:
         await self._space.acquire()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[db.Recorded | None] = loop.create_future()
-        done.add_done_callback(lambda _: self._space.release())
+        self._outstanding += 1
+        done.add_done_callback(self._answered)
         self._enqueue([_Item(result, done, loop.time() + self.patience)])
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._write_forever(), name=f"write-back {self.owner}")
@@ -71,12 +72,16 @@ class ResultWriter:
     async def record(self, result: db.Result) -> db.Recorded | None:
         return await (await self.put(result))
 
+    def _answered(self, _: asyncio.Future[db.Recorded | None]) -> None:
+        self._outstanding -= 1
+        self._space.release()
+
     @property
     def idle(self) -> bool:
-        return not self._queue and not self._writing
+        return self._outstanding == 0
 
     async def close(self, wait: bool = True) -> None:
-        """Write what is queued (unless wait is False), then stop."""
+        """Answer everything put so far (unless wait is False: then what is left is cancelled), then stop."""
         if wait:
             while not self.idle and self._task is not None and not self._task.done():
                 await asyncio.sleep(0.01)
@@ -111,11 +116,7 @@ class ResultWriter:
                     else:
                         rest.append(item)
                 self._queue = rest
-                self._writing = True
-                try:
-                    await self._write(batch)
-                finally:
-                    self._writing = False
+                await self._write(batch)
 
     async def _write(self, batch: list[_Item]) -> None:
         try:

@@ -66,10 +66,11 @@ LANGUAGE plpgsql AS $$
 DECLARE
     keys text[];
 BEGIN
-    -- a claimed row's due_at is its lease's end: the due index alone says what may be claimed
+    -- a claimed row's due_at is its lease's end, so leased rows are not at the head of the due index; the
+    -- lease is still checked, for a caller that claims ahead (due_by in the future) or a due time moved by hand
     keys := ARRAY(
         SELECT s.key FROM pgqr.instance_state s
-        WHERE s.waiting AND s.due_at <= due_by
+        WHERE s.waiting AND s.due_at <= due_by AND (s.lease_expires_at IS NULL OR s.lease_expires_at <= now())
         ORDER BY s.due_at
         LIMIT greatest(max_rows, 0)
         FOR UPDATE OF s SKIP LOCKED);

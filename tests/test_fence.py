@@ -94,7 +94,7 @@ def test_a_status_flip_during_the_call_supersedes_it_and_adds_no_call_past_the_c
     env.add("shop", sim_state=None)
     env.set("max_calls_per_minute", "2")
     first = claim_all(env)["shop"]
-    env.db.query("UPDATE pgqr.instance_state SET due_at = now()")
+    env.db.query("UPDATE pgqr.instance_state SET due_at = now(), lease_expires_at = now()")  # the lease ran out
     second = claim_all(env)["shop"]
     # two claims in this minute: the cap is reached. The app parks the row and asks again.
     env.db.query("UPDATE public.evolution_instances SET instance_status = 'paused'")

@@ -139,7 +139,7 @@ async def test_a_killed_replicas_lease_holds_until_it_expires_then_another_owner
     row = env.row("victim")
     assert str(row["qr_code"]).startswith("data:image/png;base64,") and row["lease_owner"] is None
     assert env.sim.stats("victim").connect_calls == 2
-    assert [(r["owner"], r["outcome"], r["applied"]) for r in env.log("victim")] == [("survivor", "qr", True)]
+    assert [(r["owner"], r["outcome"], r["written"]) for r in env.log("victim")] == [("survivor", "qr", True)]
 
 
 # -- the database going away ----------------------------------------------------------------------
@@ -236,7 +236,7 @@ async def test_a_malformed_url_and_a_nul_in_the_qr_never_spoil_the_batch(env: En
     assert outcomes == {"healthy": (True, "qr_stored"), "malformed": (False, "failed"), "nul": (False, "failed")}
     assert str(env.row("healthy")["qr_code"]).startswith("data:image/png;base64,")
     assert env.row("nul")["qr_code"] is None
-    logged = {name: [(r["outcome"], r["applied"]) for r in env.log(name)] for name in ("healthy", "malformed", "nul")}
+    logged = {name: [(r["outcome"], r["written"]) for r in env.log(name)] for name in ("healthy", "malformed", "nul")}
     assert logged == {"healthy": [("qr", True)], "malformed": [("failed", True)], "nul": [("failed", True)]}
     assert env.row("malformed")["consecutive_failures"] == 1 and env.row("nul")["consecutive_failures"] == 1
     assert leases_held(env.db) == 0

@@ -173,7 +173,7 @@ async def test_a_rotated_qr_arrives_by_webhook_without_a_poll(env: Env, hooked: 
     await wait_until(lambda: qr_of(env, "shop") == new, 5, "the webhook QR")
     assert new != old
     last = env.log("shop")[-1]
-    assert (last["source"], last["outcome"], last["applied"], last["qr_updated"]) == ("webhook", "qr", True, True)
+    assert (last["source"], last["outcome"], last["written"], last["qr_updated"]) == ("webhook", "qr", True, True)
     assert env.sim.stats("shop").connect_calls == 1  # only the first QR was polled
     assert env.db.value("SELECT count(*) FROM pgqr.ticks") == 0
     assert all(d.status == 200 for d in env.sim.webhooks)
@@ -240,7 +240,7 @@ async def test_an_open_connection_update_marks_connected_clears_the_qr_and_notif
     assert (row["qr_code"], row["pairing_code"]) == (None, None)
     assert [(p["key"], p["event"]) for p in payloads] == [(str(row["id"]), "connected")]
     last = env.log("shop")[-1]
-    assert (last["source"], last["outcome"], last["applied"]) == ("webhook", "connected", True)
+    assert (last["source"], last["outcome"], last["written"]) == ("webhook", "connected", True)
 
 
 async def test_the_qr_limit_gives_up_and_keeps_the_row_waiting_without_a_gave_up_status(
