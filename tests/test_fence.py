@@ -299,12 +299,26 @@ def test_a_leased_row_is_not_at_the_head_of_the_due_index(env: Env) -> None:
     env.db.query("UPDATE pgqr.instance_state SET due_at = now() + interval '10 seconds' WHERE name = 'later'")
     assert env.db.value("SELECT pgqr.next_due_in()") == 0.0
     assert list(claim_all(env)) == ["leased"]
-    # the claim moved its due time past the lease: the next due is 'later', not a past one
+    # the claim moved its due time to its lease's end: the index's head is 'later', not a row already taken
+    leased = env.row("leased")
+    assert leased["due_at"] == leased["lease_expires_at"]
+    assert env.db.value("SELECT name FROM pgqr.instance_state WHERE waiting ORDER BY due_at LIMIT 1") == "later"
     assert 8 < env.db.value("SELECT pgqr.next_due_in()") <= 10  # type: ignore[operator]
+    # and it is read from the due index, one step, not by scanning every waiting row
     with env.db.connect() as conn:
-        plan = conn.execute("EXPLAIN SELECT s.due_at FROM pgqr.instance_state s "
-                            "WHERE s.waiting AND s.due_at IS NOT NULL ORDER BY s.due_at LIMIT 1").fetchall()
-    assert "instance_state_due_idx" in "\n".join(str(r["QUERY PLAN"]) for r in plan)
+        def scans() -> tuple[int, int]:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute(
+                "SELECT i.idx_scan, t.seq_scan FROM pg_stat_user_indexes i JOIN pg_stat_user_tables t USING (relid) "
+                "WHERE i.indexrelname = 'instance_state_due_idx'").fetchone()
+            assert row is not None
+            return int(row["idx_scan"]), int(row["seq_scan"])  # type: ignore[call-overload]
+
+        before = scans()
+        conn.execute("SELECT pgqr.next_due_in()")
+        after = scans()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 0)
 
 
 # ----------------------------------------------------------------------------------- the sidecar's clock is off
