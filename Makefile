@@ -17,7 +17,8 @@ bench: system venv
 	$(BIN)/pgqr bench
 
 # Build the image (podman, or docker where an engine answers) and check it against a throwaway PostgreSQL with
-# pg_cron (deploy/image-test.sh). Without registry access, run /work/shared/tools/container-base first (as root).
+# pg_cron (deploy/image-test.sh). Without registry access, first run the base-image helper that CONTAINER_BASE
+# names, as root (it builds the base images locally; .ci/run does this).
 image-test:
 	deploy/image-test.sh
 
@@ -27,20 +28,28 @@ lint: venv
 	$(BIN)/lint-imports
 
 # PostgreSQL 15 + pg_cron 1.4 from Debian (the unprivileged `postgres` account comes with it), Debian's chromium
-# for the live page's browser tests (Playwright drives it; `playwright install` is never run), and pgbouncer for
-# tests/test_pooler.py. The tests start their own pgbouncer on a free port: the packaged service is stopped and
-# disabled, so nothing listens on 6432 by default (where there is no systemd, invoke-rc.d's start may still run).
+# for the live page's browser tests (Playwright drives it; `playwright install` is never run), pgbouncer for
+# tests/test_pooler.py and faketime for the clock tests. Only what is missing is installed, after a line naming it.
+# No service is touched: Debian starts its packaged pgbouncer on port 6432 when it installs it, and that one is
+# left as it is (the tests start their own pgbouncer on a free port). Each package is known by one file; give
+# MISSING="pkg ..." on the command line to see what an install would run (make -n system MISSING=pgbouncer).
+INITDB    = /usr/lib/postgresql/15/bin/initdb
+PG_CRON   = $(PG_LIB)/pg_cron.so
+PGBOUNCER = /usr/sbin/pgbouncer
+CHROMIUM  = /usr/bin/chromium
+FAKETIME  = /usr/bin/faketime
+MISSING  := $(strip $(shell [ -x $(INITDB) ] || echo postgresql-15; [ -f $(PG_CRON) ] || echo postgresql-15-cron; \
+              [ -x $(PGBOUNCER) ] || echo pgbouncer; [ -x $(CHROMIUM) ] || echo chromium; \
+              [ -x $(FAKETIME) ] || echo faketime; $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || echo python3-venv))
+
 system:
-	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || [ ! -f $(PG_LIB)/pg_cron.so ] || [ ! -x /usr/sbin/pgbouncer ] \
-	    || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/faketime ] \
-	    || ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then \
-	  echo "installing postgresql-15 postgresql-15-cron pgbouncer python3-venv chromium faketime"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    postgresql-15 postgresql-15-cron pgbouncer python3-venv chromium faketime >/dev/null; \
-	  $(SUDO) service pgbouncer stop >/dev/null 2>&1 || true; \
-	  $(SUDO) update-rc.d pgbouncer disable >/dev/null 2>&1 || true; \
-	  $(SUDO) systemctl disable --now pgbouncer >/dev/null 2>&1 || true; \
-	fi
+ifneq ($(MISSING),)
+	@echo "make system: installing the missing Debian packages: $(MISSING)"
+	$(if $(filter pgbouncer,$(MISSING)),@echo "make system: Debian's pgbouncer starts on port 6432 and is left running \
+	  (the tests start their own on a free port)")
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(MISSING)
+endif
 
 venv: $(VENV)/.installed
 
