@@ -40,13 +40,28 @@ READ_CHUNK = 500           # keys per statement when many instances are watched
 
 StateName = Literal["qr", "pairing", "waiting", "connected", "gave_up", "failed", "idle", "gone"]
 
+# The page speaks to the person linking a phone, who can fix nothing behind it: every failure says, in plain words,
+# whether to wait or whom to ask; never an HTTP status, an error class or the name of the software behind it.
+ASK = "Ask whoever sent you this link"
 GAVE_UP_WORDS = {
-    "qr_limit": "Too many codes went unscanned, so WhatsApp stopped making new ones. Ask for the connection to be "
-                "restarted, then open a new link.",
-    "logout_instance": "This WhatsApp session was logged out. Ask for the connection to be restarted.",
-    "remove_instance": "The instance was removed from the WhatsApp server.",
-    "instance_delete": "The instance was deleted from the WhatsApp server.",
+    "qr_limit": f"Too many codes went unscanned, so WhatsApp stopped making new ones. {ASK} to restart the "
+                "connection and send you a new link.",
+    "logout_instance": f"This WhatsApp connection was logged out. {ASK} for a new one.",
+    "remove_instance": f"This WhatsApp connection was removed. {ASK} for a new one.",
+    "instance_delete": f"This WhatsApp connection was deleted. {ASK} for a new one.",
 }
+GAVE_UP_OTHERWISE = f"WhatsApp stopped making codes for this connection. {ASK} for a new one."
+# a failure that heals by itself: the page keeps the person waiting, with the code as soon as there is one
+WAIT_WORDS = "Codes cannot be fetched at the moment. This page keeps trying and shows a code as soon as there " \
+             "is one: keep it open."
+# a failure someone must fix: what is wrong, in the person's words, then whom to ask
+FAILED_WORDS = {
+    "not_found": "The WhatsApp connection behind this link was not found.",
+    "unauthorized": "The WhatsApp connection behind this link refused access.",
+    "config": "The WhatsApp connection behind this link is not set up completely.",
+}
+FAILED_OTHERWISE = "The WhatsApp connection behind this link is not working."
+FIX_WORDS = f"{ASK} to check it; this page updates by itself once it is fixed."
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,17 @@ class View:
         return b'event: state\ndata: {"now":%d,' % now_ms + self.encoded + b"\n\n"
 
 
-GONE = View("gone", "This instance no longer exists", "Ask whoever sent you this link for a new one.")
+GONE = View("gone", "This connection no longer exists", f"{ASK} for a new one.")
+
+
+def failed_view(error_class: str | None, name: str) -> View:
+    """A failed poll, as the person holding the phone needs it: wait (it heals by itself) or ask (someone must
+    fix something; `config` is retried, but only a changed row heals it)."""
+    info = ERROR_CLASSES.get(error_class or "")
+    if info is not None and info.transient and error_class != "config":
+        return View("failed", "Could not get a code yet", WAIT_WORDS, name)
+    return View("failed", "Could not get a code", f"{FAILED_WORDS.get(error_class or '', FAILED_OTHERWISE)} "
+                                                  f"{FIX_WORDS}", name)
 
 
 def view_of(s: db.PageState) -> View:
@@ -81,17 +106,14 @@ def view_of(s: db.PageState) -> View:
     if s.connected or (s.last_outcome == "connected" and not s.waiting):
         return View("connected", "Connected", "WhatsApp is linked. You can close this page.", s.name)
     if s.last_outcome == "gave_up":
-        words = GAVE_UP_WORDS.get(s.last_error_class or "", "WhatsApp stopped offering codes for this instance.")
+        words = GAVE_UP_WORDS.get(s.last_error_class or "", GAVE_UP_OTHERWISE)
         return View("gave_up", "WhatsApp stopped offering codes", words, s.name)
     if not s.waiting:
-        return View("idle", "Not waiting to be linked", f"Its status is \u201c{s.status or 'unknown'}\u201d.", s.name)
+        return View("idle", "Not waiting for a phone",
+                    "This WhatsApp connection is not waiting to be linked. If you expected to link a phone, ask "
+                    "whoever sent you this link.", s.name)
     if s.last_outcome == "failed":
-        info = ERROR_CLASSES.get(s.last_error_class or "")
-        then = "pgqr keeps trying; this page updates by itself." if info is None or info.transient else \
-            "Ask whoever sent you this link to check the setup."
-        what = f"{info.meaning} ({s.last_error_class})" if info else (s.last_error_class or "an error")
-        return View("failed", "Could not get a code", f"The WhatsApp server answered with an error: {what}. {then}",
-                    s.name)
+        return failed_view(s.last_error_class, s.name)
     expires = int(s.qr_expires_at.timestamp() * 1000) if s.qr_expires_at else None
     if s.pairing_code and s.has_phone:
         return View("pairing", "Link with your phone number",
@@ -254,8 +276,8 @@ def _authorized(request: web.Request) -> int | None:
 
 
 def _forbidden() -> web.Response:
-    return web.Response(status=403, text="This link is not valid: it was changed, it expired, or it was revoked. "
-                                         "Ask for a new one.\n", headers=PRIVATE)
+    return web.Response(status=403, text=f"This link does not work: it was changed, it expired or it was withdrawn. "
+                                         f"{ASK} for a new one.\n", headers=PRIVATE)
 
 
 async def page(request: web.Request) -> web.Response:
@@ -354,12 +376,14 @@ function render(s) {
   deadline = s.expires_at;
   tick();
 }
+// a countdown while the code's life is known to run on; once it is over, or while its birth is not bounded (no
+// expiry, or an expiry already past: first seen by a poll), the next code is what the person waits for
 function tick() {
   const el = $("countdown");
-  if (deadline === null || $("qr").hidden) { el.textContent = ""; return; }
-  const left = Math.ceil((deadline - (Date.now() - skew)) / 1000);
+  if ($("qr").hidden) { el.textContent = ""; return; }
+  const left = deadline === null ? 0 : Math.ceil((deadline - (Date.now() - skew)) / 1000);
   el.textContent = left > 0 ? "Code expires in " + Math.floor(left / 60) + ":" + String(left % 60).padStart(2, "0")
-                            : "Getting a new code\\u2026";
+                            : "A new code is on its way\\u2026";
 }
 function gone(words) {
   document.body.dataset.state = "gone";

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from conftest import run_pgqr
 from playwright.async_api import Browser, Page, async_playwright, expect
 from service_fixtures import Env, running_service, settled, wait_until
 
-from pgqr import links, migrations
-from pgqr.page import read_events
+from pgqr import db, links, migrations
+from pgqr.evolution import ERROR_CLASSES
+from pgqr.page import GAVE_UP_WORDS, GONE, read_events, view_of
 from pgqr.service import Service
 from pgqr.settings import Secret, Settings
 
@@ -39,6 +41,10 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 SLOW = 15_000  # ms: generous deadlines for what the page shows
+ASK = "Ask whoever sent you this link"
+# what the person linking a phone must never read: an HTTP status, an error class, the software behind the page
+ENGINEER_WORDS = re.compile(r"\b[1-5]\d\d\b|\b(?:evolution|pgqr|instance|" + "|".join(ERROR_CLASSES) + r")\b",
+                            re.IGNORECASE)
 
 
 def page_settings(env: Env, **overrides: Any) -> Settings:
@@ -226,6 +232,121 @@ async def test_the_page_resumes_after_the_sidecar_restarts(env: Env, browser: Br
         await expect(page.locator("#live")).to_have_text("Live")
 
 
+async def test_a_qr_first_found_by_a_poll_says_a_new_code_is_on_its_way_then_counts_down(
+        env: Env, sidecar: Service, browser: Browser) -> None:
+    """An instance already `connecting` in Evolution, no webhooks: the first poll finds a QR of unknown age (its
+    estimated expiry is when it was seen). Once a poll sees the next one, its birth is bounded by the poll before."""
+    env.sim.config.global_webhook_url = None
+    env.add("shop", sim_state="connecting")
+    await wait_until(lambda: env.row("shop")["qr_code"] is not None, 10, "the first QR, by a poll")
+    first = str(env.row("shop")["qr_code"])
+    page = await open_page(browser, link(sidecar, key_of(env, "shop")))
+    await expect(page.locator("#qr")).to_have_attribute("src", first, timeout=SLOW)
+    await expect(page.locator("#countdown")).to_have_text("A new code is on its way\u2026", timeout=SLOW)
+    env.sim.rotate("shop")  # no webhook: only a poll finds it
+    env.make_due("shop")
+    env.tick()
+    await wait_until(lambda: env.row("shop")["qr_code"] != first, 10, "the next QR, by a poll")
+    await expect(page.locator("#qr")).to_have_attribute("src", str(env.row("shop")["qr_code"]), timeout=SLOW)
+    await expect(page.locator("#countdown")).to_contain_text("Code expires in 0:", timeout=SLOW)
+
+
+async def test_a_qr_with_no_known_expiry_says_a_new_code_is_on_its_way(env: Env, sidecar: Service,
+                                                                       browser: Browser) -> None:
+    key = await waiting_with_qr(env, sidecar, "shop")
+    page = await open_page(browser, link(sidecar, key))
+    countdown = page.locator("#countdown")
+    await expect(countdown).to_contain_text("Code expires in", timeout=SLOW)  # the positive control
+    # a row whose QR nobody can date (as one the app wrote itself): the database knows no expiry
+    env.db.query("UPDATE pgqr.instance_state SET qr_expires_at = NULL WHERE key = %s", (key,))
+    env.db.query("SELECT pg_notify('pgqr_qr_updated', json_build_object('key', %s::text)::text)", (key,))
+    await expect(countdown).to_have_text("A new code is on its way\u2026", timeout=SLOW)
+    await expect(page.locator("#qr")).to_be_visible()
+
+
+async def test_a_give_up_tells_the_person_whom_to_ask(env: Env, sidecar: Service, browser: Browser) -> None:
+    key = await waiting_with_qr(env, sidecar, "shop")
+    page = await open_page(browser, link(sidecar, key))
+    await expect(page.locator("#qr")).to_be_visible(timeout=SLOW)  # the positive control
+    # Evolution's "QR code limit reached": a qrcode.updated without an image
+    async with aiohttp.ClientSession() as http, http.post(hook(sidecar), json={
+            "event": "qrcode.updated", "instance": "shop", "data": {"message": "QR code limit reached"}}) as resp:
+        assert resp.status == 200
+    await expect(page.locator("#title")).to_have_text("WhatsApp stopped offering codes", timeout=SLOW)
+    await expect(page.locator("#detail")).to_contain_text("unscanned")
+    await expect(page.locator("#detail")).to_contain_text(f"{ASK} to restart the connection")
+    await expect(page.locator("#qr")).to_be_hidden()
+    await expect(page.locator("#countdown")).to_have_text("")
+    assert not ENGINEER_WORDS.search(await page.locator("main").inner_text())
+
+
+def wrong_token(env: Env, name: str) -> None:
+    env.add(name)
+    env.db.query("UPDATE public.evolution_instances SET instance_token = 'wrong' WHERE instance_name = %s", (name,))
+
+
+@pytest.mark.parametrize(("setup", "error_class", "title", "words"), [
+    (wrong_token, "unauthorized", "Could not get a code", f"refused access. {ASK} to check it"),
+    (lambda env, name: env.add(name, sim_state=None), "not_found", "Could not get a code",
+     f"was not found. {ASK} to check it"),
+    (lambda env, name: env.add(name, mode="http_500"), "server_error", "Could not get a code yet",
+     "This page keeps trying"),
+], ids=["wrong-token", "unknown-to-evolution", "server-failing"])
+async def test_a_failing_connection_says_in_plain_words_whether_to_wait_or_whom_to_ask(
+        env: Env, sidecar: Service, browser: Browser, setup: Any, error_class: str, title: str, words: str) -> None:
+    setup(env, "shop")
+    env.make_due("shop")
+    env.tick()
+    await wait_until(lambda: env.row("shop")["last_outcome"] == "failed", 10, "a failed poll")
+    assert env.row("shop")["last_error_class"] == error_class  # what an engineer reads, for the page to say plainly
+    page = await open_page(browser, link(sidecar, key_of(env, "shop")))
+    await expect(page.locator("#title")).to_have_text(title, timeout=SLOW)
+    await expect(page.locator("#detail")).to_contain_text(words)
+    await expect(page.locator("#qr")).to_be_hidden()
+    shown = await page.locator("main").inner_text()
+    assert "shop" in shown and not ENGINEER_WORDS.search(shown), shown
+
+
+# -- the words, for every state the database can be in --------------------------------------------------
+
+
+def page_state(**fields: Any) -> db.PageState:
+    base: dict[str, Any] = {
+        "key": "1", "name": "shop", "status": "connecting", "waiting": True, "connected": False, "qr": None,
+        "pairing_code": None, "has_phone": False, "qr_expires_at": None, "last_outcome": None,
+        "last_error_class": None, "db_now": datetime.now(UTC)}
+    return db.PageState(**{**base, **fields})
+
+
+def test_engineer_words_are_caught() -> None:
+    """The control for the word checks: what the page said before issue 20."""
+    old = ("Could not get a code. The WhatsApp server answered with an error: Evolution has no instance of that "
+           "name, or the base URL is wrong (404) (not_found). Ask whoever sent you this link to check the setup.")
+    assert [m.lower() for m in ENGINEER_WORDS.findall(old)] == ["evolution", "instance", "404", "not_found"]
+
+
+@pytest.mark.parametrize("error_class", [*ERROR_CLASSES, "a_class_added_later", None])
+def test_every_failure_says_in_plain_words_either_to_wait_or_whom_to_ask(error_class: str | None) -> None:
+    view = view_of(page_state(last_outcome="failed", last_error_class=error_class))
+    assert view.state == "failed"
+    assert not ENGINEER_WORDS.search(f"{view.title} {view.detail}"), view
+    assert ("keeps trying" in view.detail) != (ASK in view.detail), view
+
+
+@pytest.mark.parametrize("error_class", [*GAVE_UP_WORDS, "a_reason_added_later", None])
+def test_every_give_up_says_whom_to_ask(error_class: str | None) -> None:
+    view = view_of(page_state(last_outcome="gave_up", last_error_class=error_class))
+    assert view.state == "gave_up" and ASK in view.detail
+    assert not ENGINEER_WORDS.search(f"{view.title} {view.detail}"), view
+
+
+def test_a_connection_not_waiting_or_gone_says_whom_to_ask_and_no_status_value() -> None:
+    idle = view_of(page_state(waiting=False, status="close_requested"))
+    assert idle.state == "idle" and "ask whoever sent you this link" in idle.detail
+    assert "close_requested" not in idle.detail and not ENGINEER_WORDS.search(f"{idle.title} {idle.detail}")
+    assert ASK in GONE.detail and not ENGINEER_WORDS.search(f"{GONE.title} {GONE.detail}")
+
+
 # -- what the stream says ------------------------------------------------------------------------------
 
 
@@ -240,35 +361,6 @@ async def test_events_carry_the_qr_and_never_a_token(env: Env, sidecar: Service)
     assert state["expires_at"] == int(row["qr_expires_at"].timestamp() * 1000)  # type: ignore[union-attr]
     assert str(row["instance_token"]).encode() not in stream.raw
     assert set(state) == {"now", "state", "title", "detail", "name", "qr", "pairing_code", "expires_at"}
-
-
-async def test_a_give_up_is_said_in_words(env: Env, sidecar: Service) -> None:
-    key = await waiting_with_qr(env, sidecar, "shop")
-    async with aiohttp.ClientSession() as http:
-        stream = await open_stream(http, link(sidecar, key))
-        assert (await stream.next_state())["state"] == "qr"  # the positive control
-        # Evolution's "QR code limit reached": a qrcode.updated without an image
-        async with http.post(hook(sidecar), json={"event": "qrcode.updated", "instance": "shop",
-                                                  "data": {"message": "QR code limit reached"}}) as resp:
-            assert resp.status == 200
-        state = await stream.until(lambda s: s["state"] != "qr")
-        stream.response.close()
-    assert state["state"] == "gave_up" and state["qr"] is None
-    assert state["title"] == "WhatsApp stopped offering codes" and "unscanned" in state["detail"]
-
-
-async def test_a_failing_instance_says_so_in_words(env: Env, sidecar: Service) -> None:
-    env.add("locked-out")
-    env.db.query("UPDATE public.evolution_instances SET instance_token = 'wrong' WHERE instance_name = 'locked-out'")
-    env.make_due("locked-out")
-    env.tick()
-    await wait_until(lambda: env.row("locked-out")["last_outcome"] == "failed", 10, "a failed poll")
-    async with aiohttp.ClientSession() as http:
-        stream = await open_stream(http, link(sidecar, key_of(env, "locked-out")))
-        state = await stream.next_state()
-        stream.response.close()
-    assert state["state"] == "failed" and state["title"] == "Could not get a code"
-    assert "unauthorized" in state["detail"] and state["qr"] is None
 
 
 async def test_a_new_qr_reaches_every_viewer_with_one_read(env: Env, sidecar: Service) -> None:
@@ -338,6 +430,7 @@ async def test_a_tampered_link_gets_403_and_no_qr(env: Env, sidecar: Service) ->
     for url in (tampered, f"{base}?{query.replace('exp=', 'exp=1')}", base, f"{base}/events?{query[:-2]}"):
         status, body = await get(url)
         assert status == 403 and "data:image" not in body, url
+        assert ASK in body and not ENGINEER_WORDS.search(body), body  # the person reads the words, not the status
 
 
 async def test_an_expired_link_gets_403(env: Env, sidecar: Service) -> None:
