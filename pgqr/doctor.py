@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +17,7 @@ from .admin import Conn, connect, cron_version, installed
 from .errors import ConfigurationError
 from .evolution import EvolutionClient, EvolutionState, Failure, display_url
 from .hooks import Target, names_text
-from .settings import Settings, first_line, reveal
+from .settings import Settings, database_target, first_line, reveal
 from .status import describe_binding
 
 
@@ -59,7 +62,8 @@ def doctor(settings: Settings) -> list[Check]:
             guarded("binding", lambda: _check_binding(conn, checks))
             guarded("names", lambda: _check_names(conn, settings, checks))
             guarded("listener", lambda: _check_listener(conn, checks))
-            guarded("listen", lambda: _check_listen(conn, checks))
+        guarded("listen", lambda: _check_listen(conn if installed else None, settings, checks))
+        if installed:
             guarded("tokens", lambda: _check_tokens(conn, settings, checks))
             rows = guarded("instances", lambda: hooks.targets(conn, settings)) or []  # type: ignore[assignment]
     checks += asyncio.run(_check_evolution(settings, rows))
@@ -225,20 +229,76 @@ LISTEN_FIX = ("set PGQR_LISTEN_DATABASE_URL to a direct or session-mode URL of t
               "5432, not the transaction pooler's 6543) and restart `pgqr run`")
 
 
-def _check_listen(conn: Conn, checks: list[Check]) -> None:
-    """Live listeners whose LISTEN does not deliver (listen_ok = false in their heartbeat) serve by polling only."""
+DOCTOR_CHANNEL = "pgqr_doctor"  # not the listeners' probe channel: a running listener never sees doctor's tests
+ROUND_TRIP_SECONDS = 5.0
+
+
+def _check_listen(conn: Conn | None, settings: Settings, checks: list[Check]) -> None:
+    """The listen URL itself, whether or not a listener runs: a NOTIFY sent from another connection (as the
+    triggers and the tick send theirs) must reach a LISTEN on it. Then, when pgqr is installed, the live
+    listeners' own verdicts (listen_ok in their heartbeat)."""
+    which = "PGQR_LISTEN_DATABASE_URL" if settings.listen_database_url else "DATABASE_URL"
+    where = f"{which} ({database_target(settings.listen_dsn)})"
+    try:
+        took = _round_trip(settings.listen_dsn, settings.dsn, ROUND_TRIP_SECONDS)
+    except psycopg.OperationalError as exc:
+        checks.append(Check("listen", False, f"cannot connect to {where}: {first_line(exc)}",
+                            "set PGQR_LISTEN_DATABASE_URL to a direct or session-mode URL of this database"
+                            if settings.listen_database_url else "check DATABASE_URL"))
+        return
+    failing, live, which_listeners = _listeners_listen_ok(conn)
+    if took is None:
+        unset = "" if settings.listen_database_url else " and PGQR_LISTEN_DATABASE_URL is not set"
+        others = f"; {failing} of {live} live listener(s) get no notifications either" if failing else ""
+        checks.append(Check("listen", False, f"a NOTIFY sent from another connection never reached a LISTEN on "
+                            f"{where} within {ROUND_TRIP_SECONDS:g} s: it goes through a transaction-mode pooler"
+                            f"{unset}, so `pgqr run` would poll the database every second instead of listening"
+                            f"{others}", LISTEN_FIX))
+    elif failing:
+        checks.append(Check("listen", False, f"{failing} of {live} live listener(s) get no notifications "
+                            f"({which_listeners}): their LISTEN goes through a transaction-mode pooler, so they "
+                            f"poll every second instead (a LISTEN on {where} works)", LISTEN_FIX))
+    else:
+        reach = f"; notifications reach all {live} live listener(s)" if live else ""
+        checks.append(Check("listen", True, f"a NOTIFY from another connection reached a LISTEN on {where} in "
+                                            f"{took * 1000:.0f} ms{reach}"))
+
+
+def _listeners_listen_ok(conn: Conn | None) -> tuple[int, int, str | None]:
+    """Live listeners whose LISTEN does not deliver (listen_ok = false in their heartbeat), of all live ones."""
+    if conn is None:
+        return 0, 0, None
     row = conn.execute(
         "SELECT count(*) FILTER (WHERE listen_ok IS FALSE), count(*), "
         "       string_agg(host || ':' || pid, ', ' ORDER BY host, pid) FILTER (WHERE listen_ok IS FALSE) "
         "FROM pgqr.listeners WHERE live"
     ).fetchone()
     failing, live, which = row or (0, 0, None)
-    if failing:
-        checks.append(Check("listen", False, f"{failing} of {live} live listener(s) get no notifications ({which}): "
-                            "their LISTEN goes through a transaction-mode pooler, so they poll every second "
-                            "instead", LISTEN_FIX))
-    else:
-        checks.append(Check("listen", True, f"notifications reach all {live} live listener(s)"))
+    return int(failing), int(live), which
+
+
+def _round_trip(listen_dsn: str, send_dsn: str, within: float) -> float | None:
+    """Seconds a NOTIFY from a connection to `send_dsn` took to reach a LISTEN on `listen_dsn`; None when it
+    did not come within `within` seconds (a transaction-mode pooler drops it: see pgqr.listener)."""
+    token = secrets.token_hex(8)
+    with _connect(listen_dsn) as listen:
+        listen.execute(f"LISTEN {DOCTOR_CHANNEL}")
+        try:
+            started = time.monotonic()
+            with _connect(send_dsn) as sender:
+                sender.execute("SELECT pg_notify(%s, %s)", (DOCTOR_CHANNEL, token))
+            for notify in listen.notifies(timeout=max(0.0, within - (time.monotonic() - started))):
+                if notify.payload == token:
+                    return time.monotonic() - started
+            return None
+        finally:
+            with contextlib.suppress(psycopg.Error):  # through a pooler, best effort (as the listener's)
+                listen.execute(f"UNLISTEN {DOCTOR_CHANNEL}")
+
+
+def _connect(dsn: str) -> Conn:
+    return psycopg.connect(dsn, autocommit=True, prepare_threshold=None, connect_timeout=10,
+                           application_name="pgqr-doctor")
 
 
 def _check_tokens(conn: Conn, settings: Settings, checks: list[Check]) -> None:
@@ -380,15 +440,17 @@ async def _check_webhooks(http: EvolutionClient, settings: Settings, waiting: li
     async def find(t: Target) -> str | None:
         assert t.base_url is not None and t.apikey is not None
         found = await http.find_webhook(t.base_url, t.name, t.apikey)
-        return f"{found.error_class}: {found.detail}" if isinstance(found, Failure) else hooks.judge(found, settings)
+        if isinstance(found, Failure):
+            return f"cannot read it: {found.error_class}: {found.detail}"
+        return hooks.judge(found, settings, t.name)
 
     verdicts = await hooks.each(readable, find)
     problems = [(t, verdict) for t, verdict in zip(readable, verdicts, strict=True) if verdict is not None]
     target = display_url(hooks.hook_url(settings))
     if problems:
-        return Check("webhooks", False, f"{len(problems)} of {len(readable)} waiting instance(s) send no webhook to "
-                     f"{target}: " + _grouped(problems),
+        return Check("webhooks", False, f"{len(problems)} of {len(readable)} waiting instance(s) have no webhook "
+                     f"that {target} accepts: " + _grouped(problems),
                      "run `pgqr webhooks register --all` (or set PGQR_GLOBAL_WEBHOOK=true when Evolution's global "
                      "webhook points at pgqr)")
     return Check("webhooks", True, f"{len(readable)} waiting instance(s) at {_places(readable)} send their "
-                                   f"webhooks to {target}")
+                                   f"webhooks to {target} with the credentials it expects")

@@ -186,7 +186,8 @@ class InstanceList:
 
 @dataclass(frozen=True)
 class WebhookConfig:
-    """A webhook/set or webhook/find row. Header values may be secrets: only their names are kept."""
+    """A webhook/set or webhook/find row. Header values may be secrets: kept out of repr and comparisons, only
+    for constant-time checks against what the receiver expects."""
 
     url: str = field(repr=False)  # may carry the receiver's secret in its path
     enabled: bool
@@ -195,6 +196,7 @@ class WebhookConfig:
     base64: bool
     header_names: tuple[str, ...]
     http_status: int = 200
+    header_values: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -382,7 +384,8 @@ def classify_webhook_reply(status: int, body: bytes) -> WebhookConfig | NoWebhoo
         return _fail("bad_reply", status, "the webhook row has unexpected fields")
     return WebhookConfig(
         url=url, enabled=enabled, events=tuple(events), by_events=parsed.get("webhookByEvents") is True,
-        base64=parsed.get("webhookBase64") is True, header_names=tuple(sorted(headers or {})), http_status=status)
+        base64=parsed.get("webhookBase64") is True, header_names=tuple(sorted(headers or {})), http_status=status,
+        header_values=tuple((str(k), v) for k, v in sorted((headers or {}).items()) if isinstance(v, str)))
 
 
 def _classify_check_reply(status: int, body: bytes) -> Outcome:

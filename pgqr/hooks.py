@@ -3,8 +3,10 @@
 Each instance's webhook goes to PGQR_PUBLIC_URL + /webhooks/evolution with the header `X-Pgqr-Token: <the
 instance's derived token>` (pgqr.tokens.derive), for QRCODE_UPDATED and CONNECTION_UPDATE, set with the
 instance's own token (or EVOLUTION_API_KEY for a row without one). With PGQR_WEBHOOK_JWT_KEY the webhook also
-gets `jwt_key`, so Evolution (2.3.0+) signs each post. Setting it again is harmless: the same body each time.
-No token, key or secret is ever printed; a header's value cannot even be read back (only its name is kept).
+gets `jwt_key`, so Evolution (2.3.0+) signs each post. A webhook that is already right is left alone.
+`judge` reads a stored webhook the way pgqr's receiver will read its posts: the header values Evolution holds
+are compared with what pgqr expects in constant time, and a finding names what the posts get (401, 404 or
+nothing). No token, key or secret is ever printed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 
@@ -80,24 +83,57 @@ def hook_headers(settings: Settings, name: str) -> dict[str, str]:
     return headers
 
 
-def judge(found: WebhookConfig | NoWebhook, settings: Settings) -> str | None:
-    """None when the instance's webhook reaches pgqr and authenticates; else what is wrong, in a few words."""
+NOTHING = "pgqr gets no posts"
+
+
+def judge(found: WebhookConfig | NoWebhook, settings: Settings, name: str) -> str | None:
+    """None when the instance's posts will be accepted by pgqr's receiver (pgqr.web); else what is wrong and
+    what its posts get, in a few words. The receiver's own rules, read off the stored webhook."""
     if isinstance(found, NoWebhook):
-        return "missing"
+        return f"missing ({NOTHING})"
     target = hook_url(settings)
-    secret = reveal(settings.webhook_secret) or ""
-    if found.url.rstrip("/") == target:
-        if tokens.HEADER.lower() not in {h.lower() for h in found.header_names}:
-            return f"no {tokens.HEADER} header"
-        if settings.webhook_jwt_key is not None and JWT_HEADER not in found.header_names:
-            return "no jwt_key header (PGQR_WEBHOOK_JWT_KEY is set)"
-    elif not (secret and tokens.same(found.url.rstrip("/"), f"{target}/{secret}")):  # the path form, by hand
-        return "points elsewhere"
+    url = found.url.rstrip("/")
+    rest = url[len(target):] if url.startswith(target) else None
+    if rest is None or (rest and not rest.startswith("/")):
+        if _origin(url) == _origin(target):
+            return "points at pgqr but not at /webhooks/evolution (404)"
+        return f"points elsewhere ({NOTHING})"
     if not found.enabled:
-        return "disabled"
+        return f"disabled ({NOTHING})"
     if missing := [e for e in WEBHOOK_EVENTS if e not in found.events]:
-        return f"misses {', '.join(missing)}"
-    return None
+        return f"misses {', '.join(missing)} (pgqr never hears of those)"
+    path = [unquote(part) for part in rest.split("/")[1:]]
+    values = dict(found.header_values)
+    header = next((h for h in found.header_names if h.lower() == tokens.HEADER.lower()), None)
+    # Evolution appends the event to the path "by events"; no route of the receiver takes more segments
+    if len(path) + found.by_events > (1 if header is not None else 2):
+        return "extra path segments after /webhooks/evolution (404)"
+    return _credentials(settings, name, path[0] if path else None,
+                        None if header is None else values.get(header, ""), values, found.header_names)
+
+
+def _credentials(settings: Settings, name: str, path_secret: str | None, token: str | None,
+                 values: dict[str, str], header_names: tuple[str, ...]) -> str | None:
+    """What of the credentials Evolution will send is wrong (the receiver answers 401 to each), or None."""
+    secret = _secret(settings)
+    wrong = []
+    if token is None and path_secret is None:
+        wrong.append(f"without {tokens.HEADER}")
+    elif token is None and not tokens.same(path_secret or "", secret):
+        wrong.append("wrong secret in the URL")
+    elif token is not None and not (tokens.same(token, tokens.derive(secret, name)) or tokens.same(token, secret)):
+        wrong.append(f"wrong {tokens.HEADER}")
+    if settings.webhook_jwt_key is not None:
+        if JWT_HEADER not in header_names:
+            wrong.append(f"without {JWT_HEADER} (PGQR_WEBHOOK_JWT_KEY is set)")
+        elif not tokens.same(values.get(JWT_HEADER, ""), settings.webhook_jwt_key.reveal()):
+            wrong.append(f"wrong {JWT_HEADER}")
+    return " and ".join(wrong) + " (401)" if wrong else None
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def names_text(names: list[str]) -> str:
@@ -140,14 +176,16 @@ async def _register_one(http: EvolutionClient, settings: Settings, target: Targe
     found = await http.find_webhook(target.base_url, target.name, target.apikey)
     if isinstance(found, Failure):
         return _failed(target, "cannot read its webhook", found)
-    before = judge(found, settings) or "already pointed at pgqr"
+    before = judge(found, settings, target.name)
+    if before is None:
+        return Registered(target.name, True, "unchanged")
     if dry_run:
         return Registered(target.name, True, f"would set (now: {before})")
     stored = await http.set_webhook(target.base_url, target.name, target.apikey, url=hook_url(settings),
                                     headers=hook_headers(settings, target.name))
     if isinstance(stored, Failure):
         return _failed(target, "webhook/set failed", stored)
-    if (after := judge(stored, settings)) is not None:
+    if (after := judge(stored, settings, target.name)) is not None:
         return Registered(target.name, False, f"Evolution stored a webhook that {after}")
     return Registered(target.name, True, f"set (was: {before})")
 

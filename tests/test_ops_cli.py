@@ -260,6 +260,22 @@ def stored(found: dict[str, object] | None) -> dict[str, object] | None:
     return None if found is None else {k: found[k] for k in keys}
 
 
+async def set_webhook(simulator: Simulator, name: str, url: str, headers: dict[str, str] | None = None) -> None:
+    """Set a webhook by hand, as an operator might in Evolution's manager."""
+    hook = {"enabled": True, "url": url, "events": ["QRCODE_UPDATED", "CONNECTION_UPDATE"], "headers": headers}
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{simulator.base_url}/webhook/set/{name}", headers={"apikey": simulator.config.api_key},
+            json={"webhook": hook}) as resp:
+        assert resp.status == 201
+
+
+def in_both(db: Database, simulator: Simulator, *names: str) -> None:
+    """Each instance in Evolution and in the app's table, with a token of its own."""
+    for name in names:
+        simulator.add_instance(name, f"{name}-{TOKEN}")
+        add(db, name, token=f"{name}-{TOKEN}")
+
+
 async def test_webhooks_register_sets_one_instances_webhook_with_its_derived_token(
         migrated: Database, simulator: Simulator) -> None:
     simulator.add_instance("alpha", TOKEN)
@@ -268,27 +284,23 @@ async def test_webhooks_register_sets_one_instances_webhook_with_its_derived_tok
     add(migrated, "beta", token="token-of-beta-" + "b" * 8)
     result = await register(migrated, simulator, "--instance", "alpha")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.splitlines() == ["alpha\tok\tset (was: missing)",
+    assert result.stdout.splitlines() == ["alpha\tok\tset (was: missing (pgqr gets no posts))",
                                           f"1 instance(s): 1 point at {PUBLIC}/webhooks/evolution, 0 failed"]
     assert stored(await find_webhook(simulator, "alpha")) == registered_for("alpha")
     assert await find_webhook(simulator, "beta") is None
 
 
 async def test_webhooks_register_all_is_idempotent(migrated: Database, simulator: Simulator) -> None:
-    for name in ("alpha", "beta", "gamma"):
-        simulator.add_instance(name, f"{name}-{TOKEN}")
-        add(migrated, name, token=f"{name}-{TOKEN}")
+    in_both(migrated, simulator, "alpha", "beta", "gamma")
     first = await register(migrated, simulator, "--all")
     assert first.returncode == 0, first.stdout + first.stderr
     rows = {n: await find_webhook(simulator, n) for n in ("alpha", "beta", "gamma")}
     assert {n: stored(r) for n, r in rows.items()} == {n: registered_for(n) for n in rows}
     again = await register(migrated, simulator, "--all")
     assert again.returncode == 0
-    assert [line.split("\t")[2] for line in again.stdout.splitlines()[:3]] == ["set (was: already pointed at pgqr)"] * 3
+    assert [line.split("\t")[1:] for line in again.stdout.splitlines()[:3]] == [["ok", "unchanged"]] * 3
     for name, row in rows.items():
-        now = await find_webhook(simulator, name)
-        assert now is not None and row is not None
-        assert stored(now) == stored(row) and now["id"] == row["id"]  # the same row, set again
+        assert await find_webhook(simulator, name) == row  # not even set again: updatedAt is the first run's
 
 
 async def test_webhooks_register_dry_run_changes_nothing(migrated: Database, simulator: Simulator) -> None:
@@ -296,7 +308,7 @@ async def test_webhooks_register_dry_run_changes_nothing(migrated: Database, sim
     add(migrated, "alpha")
     result = await register(migrated, simulator, "--all", "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.splitlines() == ["alpha\tok\twould set (now: missing)",
+    assert result.stdout.splitlines() == ["alpha\tok\twould set (now: missing (pgqr gets no posts))",
                                           f"1 instance(s): 1 would point at {PUBLIC}/webhooks/evolution, 0 failed"]
     assert await find_webhook(simulator, "alpha") is None
 
@@ -313,7 +325,7 @@ async def test_webhooks_register_reports_each_failed_instance_and_exits_1(
     result = await register(migrated, simulator, "--all")
     assert result.returncode == 1
     lines = dict(line.split("\t", 1) for line in result.stdout.splitlines()[:-1])
-    assert lines["alpha"] == "ok\tset (was: missing)"
+    assert lines["alpha"] == "ok\tset (was: missing (pgqr gets no posts))"
     assert lines["beta"].startswith(f"FAILED\tcannot read its webhook at {simulator.base_url}: unauthorized")
     assert lines["gamma"] == "FAILED\tno token of its own and EVOLUTION_API_KEY is not set"
     assert lines["ghost"].startswith("FAILED") and "not_found" in lines["ghost"]
@@ -337,20 +349,16 @@ async def test_webhooks_register_needs_a_public_url_and_a_secret(migrated: Datab
 
 async def test_doctor_reports_instances_whose_webhook_is_missing_or_points_elsewhere(
         migrated: Database, simulator: Simulator) -> None:
-    for name in ("alpha", "beta", "gamma"):
-        simulator.add_instance(name, f"{name}-{TOKEN}")
-        add(migrated, name, token=f"{name}-{TOKEN}")
+    in_both(migrated, simulator, "alpha", "beta", "gamma")
     hooks_env = {"PGQR_WEBHOOK_SECRET": SECRET, "PGQR_PUBLIC_URL": PUBLIC}
     assert (await register(migrated, simulator, "--instance", "alpha")).returncode == 0
-    async with aiohttp.ClientSession() as http, http.post(
-            f"{simulator.base_url}/webhook/set/gamma", headers={"apikey": simulator.config.api_key},
-            json={"webhook": {"enabled": True, "url": "http://elsewhere.example/hook", "events": []}}) as resp:
-        assert resp.status == 201
+    await set_webhook(simulator, "gamma", "http://elsewhere.example/hook")
     result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, **hooks_env)
     line = checks(result)["webhooks"]
     assert result.returncode == 1 and line.startswith("FAIL")
-    assert f"2 of 3 waiting instance(s) send no webhook to {PUBLIC}/webhooks/evolution" in line
-    assert f"at {simulator.base_url}: 1 missing: beta; 1 points elsewhere: gamma" in line
+    assert f"2 of 3 waiting instance(s) have no webhook that {PUBLIC}/webhooks/evolution accepts" in line
+    assert (f"at {simulator.base_url}: 1 missing (pgqr gets no posts): beta; 1 points elsewhere (pgqr gets no "
+            "posts): gamma") in line
     assert "fix: run `pgqr webhooks register --all`" in line
     # the controls: registered, every instance passes; with the global webhook doctor says it cannot see it
     assert (await register(migrated, simulator, "--all")).returncode == 0
@@ -363,6 +371,84 @@ async def test_doctor_reports_instances_whose_webhook_is_missing_or_points_elsew
                           PGQR_WEBHOOK_JWT_KEY="k" * 32, **hooks_env)
     assert checks(result)["webhooks"].startswith("FAIL") and "sends no Authorization header" in result.stdout
     assert SECRET not in result.stdout and "k" * 32 not in result.stdout
+
+
+ROTATED = "hook-ROTATED-9d8c7b"
+JWT_KEY, ROTATED_JWT_KEY = "jwt-KEY-" + "j" * 24, "jwt-ROTATED-" + "r" * 24
+
+
+def no_secret_in(result: subprocess.CompletedProcess[str], simulator: Simulator) -> None:
+    shown = result.stdout + result.stderr
+    derived = [tokens.derive(s, n) for s in (SECRET, ROTATED) for n in simulator.instances]
+    for secret in (SECRET, ROTATED, JWT_KEY, ROTATED_JWT_KEY, TOKEN, simulator.config.api_key, *derived):
+        assert secret not in shown
+
+
+async def test_doctor_after_a_webhook_secret_rotation_names_the_instances_that_get_401(
+        migrated: Database, simulator: Simulator) -> None:
+    in_both(migrated, simulator, "alpha", "beta", "gamma")
+    before = {"PGQR_WEBHOOK_SECRET": SECRET, "PGQR_WEBHOOK_JWT_KEY": JWT_KEY}
+    after = {"PGQR_WEBHOOK_SECRET": ROTATED, "PGQR_WEBHOOK_JWT_KEY": ROTATED_JWT_KEY}
+    assert (await register(migrated, simulator, "--all", **before)).returncode == 0
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, PGQR_PUBLIC_URL=PUBLIC, **before)
+    assert checks(result)["webhooks"].startswith("PASS  webhooks: 3 waiting instance(s)"), result.stdout  # control
+
+    # the secret and the JWT key are rotated; only alpha is registered again
+    assert (await register(migrated, simulator, "--instance", "alpha", **after)).returncode == 0
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, PGQR_PUBLIC_URL=PUBLIC, **after)
+    no_secret_in(result, simulator)
+    line = checks(result)["webhooks"]
+    assert result.returncode == 1 and line.startswith("FAIL  webhooks: 2 of 3 waiting instance(s)"), line
+    assert (f"at {simulator.base_url}: 2 wrong X-Pgqr-Token and wrong jwt_key (401): beta, gamma -> "
+            "fix: run `pgqr webhooks register --all`") in line
+
+    # --dry-run says what register would do, and sets nothing
+    for name in ("alpha", "beta", "gamma"):
+        webhook = simulator.instances[name].webhook
+        assert webhook is not None
+        webhook["updatedAt"] = "untouched"  # webhook/set stamps its own time: a set would show
+    result = await register(migrated, simulator, "--all", "--dry-run", **after)
+    assert result.stdout.splitlines()[:3] == [
+        "alpha\tok\tunchanged", "beta\tok\twould set (now: wrong X-Pgqr-Token and wrong jwt_key (401))",
+        "gamma\tok\twould set (now: wrong X-Pgqr-Token and wrong jwt_key (401))"], result.stdout
+    assert [(await find_webhook(simulator, n) or {})["updatedAt"] for n in ("alpha", "beta", "gamma")] == \
+        ["untouched"] * 3
+
+    # register --all sets beta and gamma and leaves alpha alone; then doctor passes
+    result = await register(migrated, simulator, "--all", **after)
+    assert result.returncode == 0 and result.stdout.splitlines()[0] == "alpha\tok\tunchanged", result.stdout
+    assert [(await find_webhook(simulator, n) or {})["updatedAt"] == "untouched" for n in ("alpha", "beta", "gamma")] \
+        == [True, False, False]
+    for name in ("beta", "gamma"):
+        assert (await find_webhook(simulator, name) or {})["headers"] == {
+            tokens.HEADER: tokens.derive(ROTATED, name), "jwt_key": ROTATED_JWT_KEY}
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, PGQR_PUBLIC_URL=PUBLIC, **after)
+    assert checks(result)["webhooks"].startswith("PASS  webhooks: 3 waiting instance(s)"), result.stdout
+
+
+async def test_doctor_names_what_each_wrong_webhook_gets_from_pgqr(migrated: Database, simulator: Simulator) -> None:
+    names = ("jwt-missing", "jwt-stale", "old-path-secret", "wrong-path", "path-form", "global-secret")
+    in_both(migrated, simulator, *names)
+    hook = f"{PUBLIC}/webhooks/evolution"
+    await set_webhook(simulator, "jwt-missing", hook, {tokens.HEADER: tokens.derive(SECRET, "jwt-missing")})
+    await set_webhook(simulator, "jwt-stale", hook,
+                      {tokens.HEADER: tokens.derive(SECRET, "jwt-stale"), "jwt_key": ROTATED_JWT_KEY})
+    await set_webhook(simulator, "old-path-secret", f"{hook}/{ROTATED}", {"jwt_key": JWT_KEY})
+    await set_webhook(simulator, "wrong-path", f"{PUBLIC}/webhook/evolution",
+                      {tokens.HEADER: tokens.derive(SECRET, "wrong-path"), "jwt_key": JWT_KEY})
+    # the controls: the path form with the secret, and the header form with the secret itself, are accepted
+    await set_webhook(simulator, "path-form", f"{hook}/{SECRET}", {"jwt_key": JWT_KEY})
+    await set_webhook(simulator, "global-secret", hook, {tokens.HEADER: SECRET, "jwt_key": JWT_KEY})
+    result = await doctor(migrated, EVOLUTION_API_URL=simulator.base_url, PGQR_PUBLIC_URL=PUBLIC,
+                          PGQR_WEBHOOK_SECRET=SECRET, PGQR_WEBHOOK_JWT_KEY=JWT_KEY)
+    no_secret_in(result, simulator)
+    line = checks(result)["webhooks"]
+    assert line.startswith("FAIL  webhooks: 4 of 6 waiting instance(s)"), line
+    for finding in ("1 without jwt_key (PGQR_WEBHOOK_JWT_KEY is set) (401): jwt-missing",
+                    "1 wrong jwt_key (401): jwt-stale", "1 wrong secret in the URL (401): old-path-secret",
+                    "1 points at pgqr but not at /webhooks/evolution (404): wrong-path"):
+        assert finding in line, line
+    assert "path-form" not in line and "global-secret" not in line
 
 
 def test_doctor_reports_a_failed_last_job_run(migrated: Database) -> None:

@@ -217,8 +217,11 @@ async def assert_listening_and_not_degraded(run: Run) -> None:
     assert (metric(metrics, 'pgqr_wakeups_total{source="degraded_poll"}') or 0) == 0, metrics
 
 
-def doctor_lines(database_url: str, env: Env) -> tuple[int, list[str]]:
-    result = run_pgqr("doctor", env={"DATABASE_URL": database_url, "EVOLUTION_API_URL": env.sim.base_url})
+def doctor_lines(database_url: str, env: Env, listen_url: str | None = None) -> tuple[int, list[str]]:
+    values = {"DATABASE_URL": database_url, "EVOLUTION_API_URL": env.sim.base_url}
+    if listen_url is not None:
+        values["PGQR_LISTEN_DATABASE_URL"] = listen_url
+    result = run_pgqr("doctor", env=values)
     return result.returncode, result.stdout.splitlines() + result.stderr.splitlines()
 
 
@@ -337,8 +340,11 @@ async def test_work_through_a_transaction_pooler_with_a_direct_listen_url_is_not
     await assert_listening_and_not_degraded(run)
     await wait_until(lambda: env.db.value("SELECT bool_and(listen_ok) FROM pgqr.listeners WHERE live"), 10,
                      "a heartbeat with listen_ok")
-    _, lines = doctor_lines(url, env)  # the doctor through the transaction pooler, too
-    assert listen_check(lines) == "PASS  listen: notifications reach all 1 live listener(s)", lines
+    _, lines = doctor_lines(url, env, listen_url=env.db.dsn)  # the doctor through the transaction pooler, too
+    line = listen_check(lines)
+    assert line.startswith("PASS  listen: a NOTIFY from another connection reached a LISTEN on "
+                           "PGQR_LISTEN_DATABASE_URL"), lines
+    assert line.endswith("; notifications reach all 1 live listener(s)"), line
     await run.stop()
     assert run.degraded_lines() == [], run.output.read_text()
     assert "PGQR_LISTEN_DATABASE_URL" not in run.output.read_text()
@@ -389,7 +395,8 @@ async def test_everything_through_a_transaction_pooler_degrades_once_loudly_and_
                          "a heartbeat with listen_ok = false")
         code, lines = doctor_lines(url, env)
         line = listen_check(lines)
-        assert code == 1 and line.startswith("FAIL  listen: 1 of 1 live listener(s) get no notifications"), lines
+        assert code == 1 and line.startswith("FAIL  listen: a NOTIFY sent from another connection never reached"), lines
+        assert "; 1 of 1 live listener(s) get no notifications either" in line, line
         assert "-> fix: set PGQR_LISTEN_DATABASE_URL to a direct or session-mode URL" in line, line
 
         # the listener tests again every minute; the line is not repeated while the degradation lasts
@@ -404,6 +411,31 @@ async def test_everything_through_a_transaction_pooler_degrades_once_loudly_and_
     assert len(lines) == 1, run.output.read_text()
     assert lines[0]["level"] == "error" and "PGQR_LISTEN_DATABASE_URL" in lines[0]["message"], lines
     assert sum("PGQR_LISTEN_DATABASE_URL" in str(r.get("message")) for r in log_records(run.output)) == 1
+
+
+# -- doctor tests the listen URL itself, before any `pgqr run` ------------------------------------------
+
+
+def test_doctor_through_a_transaction_pooler_with_no_listener_fails_listen_and_names_the_listen_url(
+        quiet_env: Env, transaction_pooler: Pooler, session_pooler: Pooler) -> None:
+    env, url = quiet_env, transaction_pooler.dsn(quiet_env.db.name)
+    code, lines = doctor_lines(url, env)
+    line = listen_check(lines)
+    assert code == 1, lines
+    assert line.startswith("FAIL  listen: a NOTIFY sent from another connection never reached a LISTEN on "
+                           f"DATABASE_URL (host 127.0.0.1 port {transaction_pooler.port}, database {env.db.name}, "
+                           "user "), line
+    assert "a transaction-mode pooler and PGQR_LISTEN_DATABASE_URL is not set" in line, line
+    assert "-> fix: set PGQR_LISTEN_DATABASE_URL to a direct or session-mode URL" in line, line
+    assert "FAIL  listener: no listener is running -> fix: start `pgqr run`" in lines, lines
+    # the controls: a direct listen URL, a direct DATABASE_URL and the session pooler all carry the round trip
+    for database_url, listen_url, named in ((url, env.db.dsn, "PGQR_LISTEN_DATABASE_URL"),
+                                            (env.db.dsn, None, "DATABASE_URL"),
+                                            (session_pooler.dsn(env.db.name), None, "DATABASE_URL")):
+        _, lines = doctor_lines(database_url, env, listen_url=listen_url)
+        line = listen_check(lines)
+        assert line.startswith(f"PASS  listen: a NOTIFY from another connection reached a LISTEN on {named}"), line
+        assert line.endswith(" ms"), line  # no listener runs: nothing said of listeners
 
 
 # -- (d) migrate through the transaction pooler ------------------------------------------------------

@@ -228,6 +228,45 @@ async def test_a_webhook_set_by_pgqr_webhooks_register_delivers_with_its_header(
     await wait_until(lambda: qr_of(env, "shop") == delivery.body["data"]["qrcode"]["base64"] != old, 5, "the QR")
 
 
+async def test_after_a_secret_rotation_doctor_names_the_401_each_webhook_gets_and_register_heals_it(
+        env: Env, hooked: Service) -> None:
+    env.sim.config.global_webhook_url = None
+    token = env.add("shop")
+    await first_qr(env, "shop", webhook=False)
+    old_secret = "wh-OLD-secret-41d2"
+    base = {"DATABASE_URL": env.db.dsn, "EVOLUTION_API_URL": env.sim.base_url, "EVOLUTION_API_KEY": GLOBAL_KEY,
+            "PGQR_PUBLIC_URL": f"http://127.0.0.1:{hooked.http_port}"}
+
+    async def pgqr(*args: str, secret: str = SECRET) -> tuple[int, str]:
+        result = await asyncio.to_thread(run_pgqr, *args, env={**base, "PGQR_WEBHOOK_SECRET": secret})
+        shown = result.stdout + result.stderr
+        derived = [tokens.derive(s, "shop") for s in (SECRET, old_secret)]
+        for value in (SECRET, old_secret, GLOBAL_KEY, token, *derived):
+            assert value not in shown
+        return result.returncode, shown
+
+    def webhooks_line(shown: str) -> str:
+        return next(line for line in shown.splitlines() if line.startswith(("PASS  webhooks:", "FAIL  webhooks:")))
+
+    # set by a register run with the secret before the rotation: the service refuses its posts with 401
+    assert (await pgqr("webhooks", "register", "--instance", "shop", secret=old_secret))[0] == 0
+    env.sim.rotate("shop")
+    [refused_post] = await env.sim.wait_for_webhooks(qr_hook("shop"), timeout=20)
+    assert refused_post.status == 401
+    code, shown = await pgqr("doctor")
+    assert code == 1 and "1 wrong X-Pgqr-Token (401): shop -> fix: run `pgqr webhooks register --all`" in \
+        webhooks_line(shown), shown
+    # the fix doctor names, and the control: the next post is accepted, and doctor passes
+    code, shown = await pgqr("webhooks", "register", "--all")
+    assert code == 0 and "shop\tok\tset (was: wrong X-Pgqr-Token (401))" in shown, shown
+    env.sim.rotate("shop")
+    [_, accepted] = await env.sim.wait_for_webhooks(qr_hook("shop"), n=2, timeout=20)
+    assert accepted.status == 200
+    await wait_until(lambda: qr_of(env, "shop") == accepted.body["data"]["qrcode"]["base64"], 20, "the QR")
+    code, shown = await pgqr("doctor")
+    assert webhooks_line(shown).startswith("PASS  webhooks: 1 waiting instance(s)"), shown
+
+
 async def test_an_open_connection_update_marks_connected_clears_the_qr_and_notifies(
         env: Env, hooked: Service) -> None:
     env.add("shop")
