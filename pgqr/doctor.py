@@ -241,10 +241,11 @@ def _check_listen(conn: Conn | None, settings: Settings, checks: list[Check]) ->
     where = f"{which} ({database_target(settings.listen_dsn)})"
     try:
         took = _round_trip(settings.listen_dsn, settings.dsn, ROUND_TRIP_SECONDS)
-    except psycopg.OperationalError as exc:
-        checks.append(Check("listen", False, f"cannot connect to {where}: {first_line(exc)}",
-                            "set PGQR_LISTEN_DATABASE_URL to a direct or session-mode URL of this database"
-                            if settings.listen_database_url else "check DATABASE_URL"))
+    except psycopg.Error as exc:  # unreachable, refused, or no LISTEN there (a hot standby)
+        what = "cannot connect to" if isinstance(exc, psycopg.OperationalError) else "cannot LISTEN on"
+        checks.append(Check("listen", False, f"{what} {where}: {first_line(exc)}",
+                            "set PGQR_LISTEN_DATABASE_URL to a direct or session-mode URL of this database's "
+                            "primary"))
         return
     failing, live, which_listeners = _listeners_listen_ok(conn)
     if took is None:

@@ -14,7 +14,7 @@ from aiohttp import web
 from conftest import Database, run_pgqr
 from sim_fixtures import serve
 
-from pgqr import tokens
+from pgqr import devdb, tokens
 from pgqr.simulator import Simulator
 
 TOKEN = "instance-token-" + "z" * 12
@@ -468,6 +468,23 @@ def test_doctor_reports_a_failed_last_job_run(migrated: Database) -> None:
     line = next(x for x in result.stdout.splitlines() if " job runs:" in x)
     assert result.returncode == 1
     assert line.startswith("FAIL") and f"pgqr-tick@{migrated.name}" in line and "does not exist" in line
+
+
+def test_doctor_names_an_unreachable_listen_url_in_one_line_without_its_password(migrated: Database) -> None:
+    password = "listen-PASSWORD-0a9b"
+    port = devdb.free_port()  # nothing listens there
+    result = pgqr(migrated, "doctor", PGQR_LISTEN_DATABASE_URL=f"postgresql://pgqr:{password}@127.0.0.1:{port}/app")
+    line = checks(result)["listen"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert line.startswith(f"FAIL  listen: cannot connect to PGQR_LISTEN_DATABASE_URL (host 127.0.0.1 port {port}, "
+                           "database app, user pgqr): "), line
+    assert line.endswith("-> fix: set PGQR_LISTEN_DATABASE_URL to a direct or session-mode URL of this database's "
+                         "primary"), line
+    assert password not in result.stdout + result.stderr
+    # the control: the database's own URL as the listen URL
+    result = pgqr(migrated, "doctor", PGQR_LISTEN_DATABASE_URL=migrated.dsn)
+    assert checks(result)["listen"].startswith("PASS  listen: a NOTIFY from another connection reached a LISTEN on "
+                                               "PGQR_LISTEN_DATABASE_URL"), result.stdout
 
 
 def test_doctor_on_a_database_without_pgqr_says_to_migrate(db: Database) -> None:
