@@ -7,14 +7,13 @@ from typing import Any
 import psycopg
 
 from . import cron
-from .errors import MigrationError
+from .errors import NotInstalled
 from .settings import Settings
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
-
-class NotInstalled(MigrationError):
-    """The database has no pgqr schema (exit status 1, with the fix)."""
+# `pgqr migrate` installs everything in one transaction, so any one of its tables says "installed"
+INSTALLED = "SELECT to_regclass('pgqr.jobs') IS NOT NULL"
 
 
 def connect(settings: Settings) -> Conn:
@@ -22,14 +21,20 @@ def connect(settings: Settings) -> Conn:
 
 
 def installed(conn: Conn) -> bool:
-    row = conn.execute("SELECT to_regclass('pgqr.jobs') IS NOT NULL").fetchone()
+    row = conn.execute(INSTALLED).fetchone()
     return bool(row and row[0])
 
 
 def require_installed(conn: Conn) -> None:
+    """Raise NotInstalled (exit status 2, the one line every command prints) unless pgqr is installed here."""
     if not installed(conn):
-        raise NotInstalled(f"pgqr is not installed in database {conn.info.dbname}: run `pgqr migrate`")
+        raise NotInstalled(str(conn.info.dbname))
 
+
+def ensure_installed(settings: Settings) -> None:
+    """require_installed() on a connection of its own, for commands whose work opens others."""
+    with connect(settings) as conn:
+        require_installed(conn)
 
 
 def cron_version(dsn: str, setup: cron.CronSetup) -> str | None:

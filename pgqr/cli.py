@@ -1,4 +1,4 @@
-"""The `pgqr` command: parse, call, print, exit status. 0 ok, 1 failure, 2 usage or configuration.
+"""The `pgqr` command: parse, call, print, exit status (EXIT_STATUSES, the one table).
 
 Every command's flags come from pgqr.settings (declared once); every command with a database takes
 --database-url. Commands import what they need when they run, so `pgqr run` never loads the simulator.
@@ -8,20 +8,51 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
+import logging
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 
-from . import logs, migrations
-from .errors import ConfigurationError, MigrationError
-from .settings import ConfigError, Settings, add_flags, database_refusal, first_line, load, rejected_dsn
+from . import __version__, admin, logs, migrations
+from .errors import ConfigurationError, MigrationError, NotInstalled
+from .settings import (
+    ConfigError,
+    Parser,
+    Settings,
+    add_flags,
+    database_refusal,
+    database_target,
+    first_line,
+    load,
+    rejected_dsn,
+)
 
 Command = Callable[[argparse.Namespace], int]
+
+log = logging.getLogger("pgqr.cli")
+
+# The one table of exit statuses: every command, `--help` and the README.
+EXIT_STATUSES: tuple[tuple[int, str], ...] = (
+    (0, "ok"),
+    (1, "a check, verify or refresh found a problem (doctor's failed checks, `migrate --verify` with anything "
+        "pending, a failed refresh or webhook registration), or the database stayed unreachable"),
+    (2, "usage or configuration: a bad flag or setting, credentials the database refused, a role or database that "
+        "does not exist, a binding the app's table refuses, or pgqr not installed in this database (doctor "
+        "reports that as a failed check)"),
+)
+WAIT_REPORT_SECONDS = 10.0
+
+
+def exit_status_table() -> str:
+    """EXIT_STATUSES as the README's markdown table."""
+    return "\n".join(["| status | meaning |", "|---|---|", *(f"| {code} | {text} |" for code, text in EXIT_STATUSES)])
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -44,9 +75,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_bind(args: argparse.Namespace) -> int:
     settings = load(args)
-    with psycopg.connect(settings.dsn, autocommit=True, prepare_threshold=None) as conn:
-        if conn.execute("SELECT to_regclass('pgqr.binding')").fetchone() == (None,):
-            raise ConfigError("pgqr is not installed in this database: run `pgqr migrate` (it takes the same flags)")
+    with admin.connect(settings) as conn:
+        admin.require_installed(conn)
         for line in migrations.bind(conn, settings):
             print(line)
     return 0
@@ -56,12 +86,16 @@ class DatabaseUnreachable(RuntimeError):
     """The database did not answer within the wait (exit 1: nothing to fix in pgqr's settings, maybe)."""
 
 
-async def _preflight(settings: Settings, wait: float = 0.0) -> None:
-    """Fail fast, with one line, on what no retry can fix: a database without pgqr, or waiting instances that
-    have no Evolution URL to call. A database that is down, or refuses the role or the database (it may still
-    be starting, or being created), is tried again for `wait` seconds, then reported once: exit 2 for a
-    refusal, 1 for no answer."""
-    deadline = time.monotonic() + wait
+async def _preflight(settings: Settings, wait: float = 0.0, say: Callable[[str], None] | None = None) -> None:
+    """Fail fast, with one line, on what no retry can fix: refused credentials, a database without pgqr, or
+    waiting instances that have no Evolution URL to call. A database that is down or starting, or a role or
+    database that does not exist yet (it may still be being created), is tried again for `wait` seconds, said
+    every WAIT_REPORT_SECONDS through `say`, then reported once: exit 2 for a refusal, 1 for no answer."""
+    target = database_target(settings.dsn)
+    if say:
+        say(f"connecting to the database: {target}")
+    start = time.monotonic()
+    deadline, report_at = start + wait, start + WAIT_REPORT_SECONDS
     while True:
         try:
             row = await _installed_and_unreachable_rows(settings)
@@ -71,12 +105,21 @@ async def _preflight(settings: Settings, wait: float = 0.0) -> None:
                 raise rejected from None
             if not isinstance(exc, psycopg.OperationalError):
                 raise
-            if time.monotonic() >= deadline:
-                if refusal := database_refusal(exc, settings.dsn):
-                    raise refusal from None
+            refusal = database_refusal(exc, settings.dsn)
+            if refusal and refusal.lasting:
+                raise refusal from None
+            now = time.monotonic()
+            if now >= deadline:
                 waited = f" (waited {wait:g} s)" if wait else ""
+                if refusal:
+                    raise ConfigError(f"{refusal}{waited}") from None
                 raise DatabaseUnreachable(f"cannot reach the database{waited}: {first_line(exc)}") from None
-            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            if say and now >= report_at:
+                why = str(refusal).removeprefix("the database refused the connection: ") if refusal \
+                    else first_line(exc)
+                say(f"still waiting for the database ({now - start:.0f} s of {wait:g} s): {why}")
+                report_at += WAIT_REPORT_SECONDS
+            await asyncio.sleep(min(1.0, max(0.0, deadline - now)))
     if row:
         raise ConfigError(f"EVOLUTION_API_URL is not set and {row} instance(s) have no Evolution URL of their own")
 
@@ -85,10 +128,10 @@ async def _installed_and_unreachable_rows(settings: Settings) -> int:
     """Raise unless pgqr is installed; the number of waiting instances without any Evolution URL."""
     async with await psycopg.AsyncConnection.connect(settings.dsn, connect_timeout=10,
                                                      prepare_threshold=None) as conn:
-        cur = await conn.execute("SELECT to_regclass('pgqr.binding') IS NOT NULL")
+        cur = await conn.execute(admin.INSTALLED)
         row = await cur.fetchone()
         if not row or not row[0]:
-            raise ConfigError("pgqr is not installed in this database: run `pgqr migrate` first")
+            raise NotInstalled(str(conn.info.dbname))
         if settings.evolution_api_url:
             return 0
         cur = await conn.execute("SELECT count(*) FROM pgqr.app_instances WHERE coalesce(url, '') = ''")
@@ -97,8 +140,11 @@ async def _installed_and_unreachable_rows(settings: Settings) -> int:
 
 
 def _log_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-format", choices=["auto", "json", "text"], default="auto")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
+    p.add_argument("--log-format", choices=["auto", "json", "text"], default="auto",
+                   help="log lines as JSON objects or as text; auto: text on a terminal, JSON otherwise "
+                        "(default: auto)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO",
+                   help="the least severe level logged (default: INFO)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -111,7 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         service = Service(settings)
         await service.serve_http()  # a port in use is said at once, not after waiting for the database
         try:
-            await _preflight(settings, settings.database_wait_seconds)
+            await _preflight(settings, settings.database_wait_seconds,
+                             lambda line: log.info(line, extra={"action": "database_wait"}))
         except BaseException:
             await service.stop_http()
             raise
@@ -131,8 +178,6 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     from .evolution import EvolutionClient
     from .service import owner_id
 
-    if not args.once:
-        raise ConfigError("pgqr refresh needs --once (the long-lived listener is `pgqr run`)")
     settings = load(args)
     logs.setup(args.log_format, "WARNING" if args.json else args.log_level)
 
@@ -185,7 +230,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_webhooks_register(args: argparse.Namespace) -> int:
     from . import hooks
 
-    results, url = hooks.register(load(args), None if args.all else args.instance, args.dry_run)
+    settings = load(args)
+    admin.ensure_installed(settings)
+    results, url = hooks.register(settings, None if args.all else args.instance, args.dry_run)
     if not results:
         print(f"pgqr: no instance named {args.instance!r} in the app's table" if args.instance
               else "no instances in the app's table")
@@ -230,7 +277,16 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_sim_extra(command: str) -> None:
+    """The simulator renders its QR images with segno, the `sim` extra: say so in one line when it is missing."""
+    try:
+        importlib.import_module("segno")
+    except ImportError:
+        raise ConfigError(f"pgqr {command} needs the simulator's extra: pip install 'pgqr[sim]'") from None
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
+    _require_sim_extra("simulate")
     # Imported here, never at module level: `pgqr run` and the other commands must not load the simulator
     # (an optional extra). It parses its own flags.
     from .simulator import cli as simulator_cli
@@ -250,6 +306,7 @@ def _instance_counts(raw: str) -> tuple[int, ...]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _require_sim_extra("bench")
     from . import bench
 
     options = bench.Options(
@@ -262,6 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _require_sim_extra("demo")
     from . import demo
 
     return demo.main(args)
@@ -275,7 +333,8 @@ def cmd_link(args: argparse.Namespace) -> int:
     if not settings.public_url or not settings.link_secret:
         raise ConfigError("pgqr link needs PGQR_PUBLIC_URL (where people reach the sidecar) and PGQR_LINK_SECRET "
                           "(the sidecar's, so it accepts the link)")
-    with psycopg.connect(settings.dsn, autocommit=True, prepare_threshold=None) as conn:
+    with admin.connect(settings) as conn:
+        admin.require_installed(conn)
         rows = conn.execute("SELECT key, url, waiting FROM pgqr.find_instances(%s) ORDER BY key",
                             (args.name,)).fetchall()
     if args.key is not None:
@@ -292,25 +351,31 @@ def cmd_link(args: argparse.Namespace) -> int:
         return 2
     print(links.make_link(settings.public_url, settings.link_secret.reveal(), rows[0][0], ttl))
     return 0
+
+
 def _usage(args: argparse.Namespace) -> int:
     raise ConfigError("name a subcommand (see --help)")
 
 
 def _command(sub: Any, name: str, func: Command, help: str, *, settings: str | None = None,
-             **kwargs: Any) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help, **kwargs)
+             **kwargs: Any) -> Parser:
+    p: Parser = sub.add_parser(name, help=help, description=help, **kwargs)
     if settings is not None:
         add_flags(p, settings)
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, parser=p)
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    statuses = "\n".join(textwrap.fill(text, 78, initial_indent=f"  {code}  ", subsequent_indent="     ")
+                         for code, text in EXIT_STATUSES)
+    parser = Parser(
         prog="pgqr",
-        description="Keeps Evolution API (WhatsApp) QR codes fresh from PostgreSQL. "
-                    "Exit status: 0 ok, 1 failure, 2 usage or configuration error.",
+        description="Keeps Evolution API (WhatsApp) QR codes fresh from PostgreSQL.",
+        epilog=f"exit status (every command):\n{statuses}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"pgqr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _command(sub, "migrate", cmd_migrate, "apply pending SQL migrations, bind the app's table, schedule "
@@ -325,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "refresh", cmd_refresh, "refresh every due instance once, then exit (status 1 when any "
                  "failed)", settings="refresh")
     _log_flags(p)
-    p.add_argument("--once", action="store_true", help="required: run one pass")
+    p.add_argument("--once", action="store_true", required=True,
+                   help="run one pass and exit (the long-lived listener is `pgqr run`)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p = _command(sub, "status", cmd_status, "each instance's refresh health, listeners, jobs and firing alerts",
                  settings="status")
@@ -376,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(args, "parser", parser).refuse_unknown(extra)
     func: Command = args.func
     try:
         return func(args)

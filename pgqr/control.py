@@ -7,7 +7,7 @@ import psycopg
 from psycopg import errors
 
 from . import cron
-from .admin import Conn, connect, cron_version, installed, require_installed
+from .admin import Conn, connect, cron_version, require_installed
 from .errors import ConfigurationError, MigrationError
 from .settings import ConfigError, Settings
 
@@ -54,6 +54,7 @@ def uninstall(settings: Settings, drop_data: bool) -> list[str]:
     """
     done: list[str] = []
     with connect(settings) as conn:
+        require_installed(conn)
         try:
             with conn.transaction():
                 # a listener in mid-transaction would make us wait forever; fail with the fix instead (LOCAL: a
@@ -69,8 +70,7 @@ def uninstall(settings: Settings, drop_data: bool) -> list[str]:
 
 def _uninstall(settings: Settings, conn: Conn, drop_data: bool) -> list[str]:
     done: list[str] = []
-    has_pgqr = installed(conn)
-    jobs = cron.wanted_jobs(conn) if has_pgqr else []
+    jobs = cron.wanted_jobs(conn)
     try:
         setup: cron.CronSetup | None = cron.cron_setup(conn)
     except ConfigurationError:
@@ -80,10 +80,8 @@ def _uninstall(settings: Settings, conn: Conn, drop_data: bool) -> list[str]:
             _forget_history(settings.dsn, setup, jobs)
         removed = cron.unschedule_jobs(settings.dsn, setup, jobs)
         done.append(f"unscheduled {removed} pg_cron job(s) in database {setup.cron_database}")
-    table = None
-    if has_pgqr:
-        row = conn.execute("SELECT pgqr.qualified(to_regclass(table_name)) FROM pgqr.binding").fetchone()
-        table = row[0] if row else None
+    row = conn.execute("SELECT pgqr.qualified(to_regclass(table_name)) FROM pgqr.binding").fetchone()
+    table = row[0] if row else None
     if table:
         conn.execute(f"DROP TRIGGER IF EXISTS pgqr_instance_change ON {table}".encode())
         done.append(f"removed pgqr's trigger from {table}; its rows are untouched")

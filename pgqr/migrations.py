@@ -1,7 +1,8 @@
 """Load sql/, check it with pglast, apply it under an advisory lock, schedule pgqr's pg_cron jobs, verify.
 
-Each numbered file runs in its own transaction and records its version (with a checksum of the file) in
-that same transaction, so a crash never leaves half a migration. Every file is parsed before the database
+Each numbered file records its version (with a checksum of the file) in the transaction that applies it, and
+one migrate applies every pending file and the binding in one transaction, so a crash or a refusal never
+leaves half an installation. Every file is parsed before the database
 is touched: a syntax error anywhere means nothing is applied.
 """
 
@@ -12,6 +13,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, cast
 
 import pglast
 import psycopg
@@ -29,6 +31,7 @@ from .cron import (
 from .errors import ConfigurationError, MigrationError
 from .evolution import ERROR_CLASSES
 from .settings import BINDING_ATTRS, Secret, Settings
+from .status import describe_binding
 
 # One lock for every pgqr migrate against this database, whichever process runs it.
 FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -141,8 +144,9 @@ def _apply(conn: psycopg.Connection[tuple[object, ...]], migration: Migration) -
 def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: bool = False,
             binding: Settings | None = None) -> list[str]:
     """Apply pending migrations, bind the app's table and (re)schedule pgqr's jobs. Returns what was (or would
-    be) done. Each file runs in its own transaction under a transaction-level advisory lock, so concurrent
-    runs wait for each other and nothing depends on a session (a transaction pooler is fine)."""
+    be) done. The migrations, the error classes and the binding commit in one transaction under the advisory
+    lock: a refused binding or a failing file leaves this database exactly as it was, concurrent runs wait for
+    each other, and nothing depends on a session (a transaction pooler is fine)."""
     migrations = load() if migrations is None else migrations
     with connect(dsn) as conn:
         setup = cron_setup(conn)
@@ -153,20 +157,19 @@ def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: boo
                        f"pgqr.jobs, to run in {setup.app_database}")
             return out
         plan(conn, migrations)  # refuses a newer database before anything is created
-        ensure_extension(dsn, setup)
+        if not setup.same_database:
+            ensure_extension(dsn, setup)  # in pg_cron's own database; this one is not touched
+        done = []
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            if setup.same_database:  # here, the extension is part of what a refusal leaves undone
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
             conn.execute(BOOTSTRAP.encode())
-        done = []
-        for migration in migrations:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-                if migration.version in _applied(conn):
-                    continue  # another migrate applied it while we waited
+            for migration in plan(conn, migrations).pending:  # read again: another migrate may have run meanwhile
                 _apply(conn, migration)
-            done.append(f"applied {migration.name}")
-        sync_error_classes(conn)
-        done += bind(conn, binding or Settings(database_url=Secret(dsn)), only_if_unbound=True)
+                done.append(f"applied {migration.name}")
+            sync_error_classes(conn)
+            done += bind(conn, binding or Settings(database_url=Secret(dsn)), only_if_unbound=True)
         schedule_jobs(dsn, setup, wanted_jobs(conn))
         return done
 
@@ -182,13 +185,47 @@ def sync_error_classes(conn: psycopg.Connection[tuple[object, ...]]) -> None:
                             "make_interval(secs => %s), %s)", rows)
 
 
+# the optional columns of the seed's layout: an adopted table that lacks one simply does not bind it
+SEED_OPTIONAL = ("token_column", "url_column", "qr_column", "qr_at_column", "pairing_column")
+
+
+def stored_binding(conn: psycopg.Connection[tuple[object, ...]]) -> dict[str, Any] | None:
+    """The binding as pgqr.binding holds it (column name -> value), or None before the first bind."""
+    row = conn.execute("SELECT to_jsonb(b) FROM pgqr.binding b").fetchone()
+    return cast(dict[str, Any], row[0]) if row else None
+
+
+def _binding_args(conn: psycopg.Connection[tuple[object, ...]], settings: Settings,
+                  stored: dict[str, Any] | None) -> dict[str, Any]:
+    """What to bind: the stored binding with only the settings given changed; the settings and their defaults
+    when nothing is bound yet or another table is named."""
+    args = {attr: getattr(settings, attr) for attr in BINDING_ATTRS}
+    args["waiting_values"] = list(settings.waiting_values)
+    if stored and "table" in settings.explicit:
+        row = conn.execute("SELECT pgqr.qualified(to_regclass(%s))", (settings.table,)).fetchone()
+        if not row or row[0] != stored["table_name"]:
+            stored = None  # another table: the stored columns are not its columns
+    if stored:
+        given = settings.explicit & set(BINDING_ATTRS)
+        args.update({attr: stored["table_name" if attr == "table" else attr]
+                     for attr in BINDING_ATTRS if attr not in given})
+        return args
+    for attr in SEED_OPTIONAL:
+        if attr not in settings.explicit and args[attr] is not None:
+            row = conn.execute("SELECT pgqr.column_type(to_regclass(%s), %s)", (settings.table, args[attr])).fetchone()
+            if not row or row[0] is None:
+                args[attr] = None
+    return args
+
+
 def bind(conn: psycopg.Connection[tuple[object, ...]], settings: Settings, *,
          only_if_unbound: bool = False) -> list[str]:
-    """Bind pgqr to the app's table as `settings` say (the defaults are the seed's layout). With only_if_unbound
-    (what migrate does), an existing binding stays unless binding settings were given explicitly."""
+    """Bind pgqr to the app's table: start from the stored binding and change only the binding settings given
+    (a first bind, or one naming another table, starts from the defaults, which are the seed's layout). With
+    only_if_unbound (what migrate does), an existing binding stays unless binding settings were given."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-        stored = conn.execute("SELECT table_name FROM pgqr.binding").fetchone()
+        stored = stored_binding(conn)
         if stored and only_if_unbound and not settings.binding_given():
             conn.execute("SELECT pgqr.install_binding(b) FROM pgqr.binding b")  # the current generator's SQL
             return []
@@ -198,15 +235,7 @@ def bind(conn: psycopg.Connection[tuple[object, ...]], settings: Settings, *,
         if not stored and "table" not in settings.explicit and settings.table == "public.evolution_instances":
             row = conn.execute("SELECT pgqr.create_default_table()").fetchone()
             created = bool(row and row[0])
-        args = {attr: getattr(settings, attr) for attr in BINDING_ATTRS}
-        args["waiting_values"] = list(settings.waiting_values)
-        # optional columns of the seed's layout that an adopted table lacks are simply not bound
-        for attr in ("token_column", "url_column", "qr_column", "qr_at_column", "pairing_column"):
-            if attr not in settings.explicit and args[attr] is not None:
-                row = conn.execute("SELECT pgqr.column_type(to_regclass(%s), %s)",
-                                   (settings.table, args[attr])).fetchone()
-                if not row or row[0] is None:
-                    args[attr] = None
+        args = _binding_args(conn, settings, stored)
         table = args.pop("table")
         named = ", ".join(f"{k} => %({k})s" for k in args)
         try:
@@ -214,9 +243,10 @@ def bind(conn: psycopg.Connection[tuple[object, ...]], settings: Settings, *,
                                {"table": table, **args}).fetchone()
         except psycopg.errors.InvalidParameterValue as exc:
             raise ConfigurationError((exc.diag.message_primary or str(exc)).replace("\n", "\n  ")) from None
+        now = stored_binding(conn)
     assert row is not None
     lines = [f"created {table} (the default layout)"] if created else []
-    return [*lines, f"bound {row[0]} (key {row[1]})"]
+    return [*lines, f"bound {row[0]} (key {row[1]})", f"binding: {describe_binding(now)}"]
 
 
 def verify(dsn: str, migrations: list[Migration] | None = None) -> list[str]:

@@ -8,11 +8,12 @@ in repr(), str() and f-strings; `reveal()` is the one way to the value, for the 
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -166,12 +167,16 @@ class Option:
     help: str
     commands: tuple[str, ...]  # which commands take it as a flag ("*": every command with a database)
     flag: bool = True
+    default_doc: str | None = None  # what an unset value means, when that is not a plain value
+
 
     @property
     def flag_name(self) -> str:
         return "--" + self.attr.replace("_", "-")
 
     def default_text(self) -> str:
+        if self.default_doc is not None:
+            return self.default_doc
         if self.default is None:
             return "required" if self.attr == "database_url" else "none"
         if isinstance(self.default, tuple):
@@ -188,8 +193,8 @@ OPTIONS: tuple[Option, ...] = (
            "at start, how long `pgqr run` waits for a database that is down or refuses the role or database "
            "(it may still be starting or being created); then it exits", ("run",)),
     Option("listen_database_url", "PGQR_LISTEN_DATABASE_URL", dsn, None,
-           "a direct or session-mode URL for LISTEN, when DATABASE_URL goes through a transaction pooler "
-           "(default: DATABASE_URL)", ("run", "doctor")),
+           "a direct or session-mode URL for LISTEN, when DATABASE_URL goes through a transaction pooler",
+           ("run", "doctor"), default_doc="DATABASE_URL"),
     Option("evolution_api_url", "EVOLUTION_API_URL", url, None,
            "default Evolution base URL (a row's URL column wins)", SERVICE),
     Option("evolution_api_key", "EVOLUTION_API_KEY", secret, None,
@@ -235,8 +240,8 @@ OPTIONS: tuple[Option, ...] = (
            "the link secret before a rotation: its links keep working until this is unset", ("run",), flag=False),
     # the binding: which table and columns are the app's instances (pgqr migrate / pgqr bind)
     Option("table", "PGQR_TABLE", text, "public.evolution_instances", "the app's instances table", BINDING),
-    Option("key_column", "PGQR_KEY_COLUMN", column, None,
-           "a unique NOT NULL key column (default: the single-column primary key)", BINDING),
+    Option("key_column", "PGQR_KEY_COLUMN", column, None, "a unique NOT NULL key column", BINDING,
+           default_doc="the single-column primary key"),
     Option("name_column", "PGQR_NAME_COLUMN", text, "instance_name", "the Evolution instance name", BINDING),
     Option("status_column", "PGQR_STATUS_COLUMN", text, "instance_status", "the app's status column", BINDING),
     Option("waiting_values", "PGQR_WAITING_VALUES", words, ("connecting",),
@@ -334,10 +339,31 @@ def options_for(command: str) -> list[Option]:
     return [o for o in OPTIONS if o.flag and ("*" in o.commands or command in o.commands)]
 
 
+class Parser(argparse.ArgumentParser):
+    """A command line parser whose usage errors are one line and exit status 2, and that takes no abbreviated
+    flag (a typo in a flag must never pass for another flag)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+    def refuse_unknown(self, extra: list[str]) -> NoReturn:
+        """The usage error for arguments this parser does not take, naming the flag meant where it can."""
+        flag = next((x.split("=", 1)[0] for x in extra if x.startswith("-")), None)
+        if flag is None:
+            self.error(f"unexpected argument {extra[0]!r}")
+        flags = [f for action in self._actions for f in action.option_strings]
+        meant = [f for f in flags if f.startswith(flag)] or difflib.get_close_matches(flag, flags, n=1)
+        self.error(f"unknown flag {flag}" + (f"; did you mean {' or '.join(meant)}?" if meant else ""))
+
+
 def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
-    """The flags of `command`, from the declaration."""
+    """The flags of `command`, from the declaration; each help names its variable and its default once."""
     for o in options_for(command):
-        default = "" if o.default is None else f" or {o.default_text()}"
+        default = "" if o.default is None and o.default_doc is None else f" or {o.default_text()}"
         parser.add_argument(o.flag_name, dest=o.attr, default=None, metavar=o.attr.upper().split("_")[-1],
                             help=f"{o.help} (default: ${o.env}{default})")
 
@@ -375,21 +401,35 @@ def rejected_dsn(exc: psycopg.Error, name: str = "DATABASE_URL") -> ConfigError 
     return None
 
 
-# What a server says when it answered and refused who we are or what we asked for (libpq's FATAL line).
-_REFUSALS = ("does not exist", "password authentication failed", "no pg_hba.conf entry", "not permitted to log in",
-             "permission denied for database", "no password supplied")
+# What a server says when it answered and refused who we are or what we asked for (libpq's FATAL line, or
+# libpq's own word when the server asked for a password and none was given). Waiting cannot heal the lasting
+# ones; a role or a database that does not exist may still be being created.
+_LASTING_REFUSALS = ("password authentication failed", "no pg_hba.conf entry", "not permitted to log in",
+                     "permission denied for database", "no password supplied")
+_REFUSALS = ("does not exist", *_LASTING_REFUSALS)
 
 
-def database_refusal(exc: BaseException, database_url: str) -> ConfigError | None:
+class DatabaseRefusal(ConfigError):
+    """The server refused the role, the password or the database. `lasting`: no retry can change that."""
+
+    def __init__(self, message: str, lasting: bool) -> None:
+        super().__init__(message)
+        self.lasting = lasting
+
+
+def database_refusal(exc: BaseException, database_url: str) -> DatabaseRefusal | None:
     """The one-line configuration error when the server refused the role, the password or the database
     (naming host, port, database and user from the URL, never the password), or None for anything else."""
     if not isinstance(exc, psycopg.OperationalError):
         return None
     message = " ".join(str(exc).split())
     reason = message.split("FATAL:", 1)[1].strip() if "FATAL:" in message else ""
+    if not reason and "no password supplied" in message:
+        reason = "no password supplied"  # libpq's own: the server asked for one
     if not any(r in reason for r in _REFUSALS):
         return None
-    return ConfigError(f"the database refused the connection: {reason} ({database_target(database_url)})")
+    return DatabaseRefusal(f"the database refused the connection: {reason} ({database_target(database_url)})",
+                           lasting=any(r in reason for r in _LASTING_REFUSALS))
 
 
 def database_target(database_url: str) -> str:

@@ -464,7 +464,7 @@ def test_a_view_given_as_the_table_is_one_clear_error_and_nothing_is_bound(db: D
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "pgqr: cannot bind: instances_view is a view, not a table: bind the table it reads from"]
-    assert db.value("SELECT count(*) FROM pgqr.binding") == 0
+    assert db.value("SELECT to_regnamespace('pgqr')") is None  # the refusal installed nothing
     assert db.value("SELECT count(*) FROM pg_trigger WHERE tgname = 'pgqr_instance_change'") == 0
     assert db.value("SELECT to_regclass('public.evolution_instances')") is None
     # positive control: the table it reads from binds
@@ -676,13 +676,34 @@ async def test_rebinding_moves_the_trigger_and_keeps_the_refresh_log(db: Databas
     assert db.query("SELECT * FROM pgqr.refresh_log WHERE id <= %s", (logged[-1]["id"],)) == logged
 
 
-def test_a_rebind_that_names_no_table_creates_none(db: Database, simulator: Simulator) -> None:
+BINDING_COLUMNS = ("table_name, key_column, name_column, status_column, waiting_values, connected_value, "
+                   "gave_up_value, token_column, url_column, qr_column, qr_at_column, qr_expires_column, "
+                   "pairing_column, phone_column")
+
+
+def test_bind_with_one_flag_changes_that_setting_of_the_stored_binding_only(db: Database,
+                                                                           simulator: Simulator) -> None:
     adopted(db, "supabase-whatsapp_instances", simulator)
-    result = run_pgqr("bind", "--connected-value", "open", env={"DATABASE_URL": db.dsn})
-    assert result.returncode == 2
-    assert result.stderr.strip() == "pgqr: cannot bind: table public.evolution_instances does not exist"
+    before = db.query(f"SELECT {BINDING_COLUMNS} FROM pgqr.binding")[0]
+    result = run_pgqr("bind", "--gave-up-value", "close", env={"DATABASE_URL": db.dsn})
+    assert result.returncode == 0, result.stderr
+    after = db.query(f"SELECT {BINDING_COLUMNS} FROM pgqr.binding")[0]
+    assert after == {**before, "gave_up_value": "close"}
+    assert before["gave_up_value"] != "close"
+    # it prints the binding it made, and creates no table of the default layout
+    assert result.stdout.splitlines()[-1].startswith("binding: public.whatsapp_instances: key id, ")
+    assert "gave up close)" in result.stdout.splitlines()[-1]
     assert db.value("SELECT to_regclass('public.evolution_instances')") is None
-    assert db.value("SELECT table_name FROM pgqr.binding") == "public.whatsapp_instances"
+
+
+def test_bind_with_an_abbreviated_flag_is_refused_and_changes_nothing(db: Database, simulator: Simulator) -> None:
+    adopted(db, "supabase-whatsapp_instances", simulator)
+    before = db.query(f"SELECT {BINDING_COLUMNS} FROM pgqr.binding")
+    result = run_pgqr("bind", "--gave-up-val", "close", env={"DATABASE_URL": db.dsn})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "pgqr bind: unknown flag --gave-up-val; did you mean --gave-up-value? (see `pgqr bind --help`)"]
+    assert db.query(f"SELECT {BINDING_COLUMNS} FROM pgqr.binding") == before
 
 
 @pytest.mark.parametrize("breakage", ["refused-name", "state-table-dropped"])

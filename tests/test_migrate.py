@@ -24,8 +24,11 @@ def test_migrate_twice_applies_once_then_is_a_no_op(db: Database) -> None:
     assert [line for line in first.stdout.splitlines() if line.startswith("applied")] == [
         f"applied {m.name}" for m in migrations.load()
     ]
-    assert first.stdout.splitlines()[-2:] == ["created public.evolution_instances (the default layout)",
-                                              "bound public.evolution_instances (key id)"]
+    assert first.stdout.splitlines()[-3:] == [
+        "created public.evolution_instances (the default layout)", "bound public.evolution_instances (key id)",
+        "binding: public.evolution_instances: key id, name instance_name, status instance_status (waiting "
+        "connecting; connected connected; gave up -), token instance_token, url evolution_url, qr qr_code, qr at "
+        "last_qr_update, pairing pairing_code"]
     second = run_pgqr("migrate", env={"DATABASE_URL": db.dsn})
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip() == "nothing to migrate"
@@ -69,14 +72,20 @@ def test_a_syntax_error_is_reported_as_file_line_column_and_nothing_is_applied(
     assert db.value("SELECT to_regclass('public.evolution_instances')") is None
 
 
-def test_a_failing_migration_rolls_back_whole_and_earlier_ones_stay(db: Database, tmp_path: Path) -> None:
+def test_a_failing_migration_leaves_the_database_as_it_was(migrated: Database, tmp_path: Path) -> None:
     for path in migrations.sql_dir().glob("*.sql"):
         shutil.copy(path, tmp_path)
+    (tmp_path / "0098_fine.sql").write_text("CREATE TABLE pgqr.fine (id int);\n")
     (tmp_path / "0099_fails.sql").write_text("CREATE TABLE pgqr.half (id int);\nSELECT 1 / 0;\n")
     with pytest.raises(migrations.MigrationError, match=r"^0099_fails.sql:2: division by zero$"):
-        migrations.migrate(db.dsn, migrations.load(tmp_path))
-    assert db.value("SELECT to_regclass('pgqr.half')") is None
-    assert [r["version"] for r in db.query("SELECT version FROM pgqr.migrations ORDER BY 1")] == VERSIONS
+        migrations.migrate(migrated.dsn, migrations.load(tmp_path))
+    assert migrated.value("SELECT to_regclass('pgqr.half')") is None
+    assert migrated.value("SELECT to_regclass('pgqr.fine')") is None  # pending files apply together or not at all
+    assert [r["version"] for r in migrated.query("SELECT version FROM pgqr.migrations ORDER BY 1")] == VERSIONS
+    # positive control: without the failing file, the other one applies
+    (tmp_path / "0099_fails.sql").unlink()
+    assert migrations.migrate(migrated.dsn, migrations.load(tmp_path))[0] == "applied 0098_fine.sql"
+    assert migrated.value("SELECT to_regclass('pgqr.fine')") == "pgqr.fine"
 
 
 def test_an_existing_app_table_keeps_its_rows_and_columns_and_is_bound_as_it_is(db: Database) -> None:
@@ -99,7 +108,7 @@ def test_an_existing_app_table_keeps_its_rows_and_columns_and_is_bound_as_it_is(
     before = db.query("SELECT * FROM public.evolution_instances ORDER BY id")
     columns_before = {r["column_name"] for r in db.query(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'evolution_instances'")}
-    assert migrations.migrate(db.dsn)[-1] == "bound public.evolution_instances (key id)"  # not created
+    assert migrations.migrate(db.dsn)[-2] == "bound public.evolution_instances (key id)"  # not created
     after = db.query(
         "SELECT id, user_id, instance_name, instance_token, instance_status, qr_code, last_qr_update, plan "
         "FROM public.evolution_instances ORDER BY id"

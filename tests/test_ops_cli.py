@@ -70,8 +70,8 @@ def test_status_json_is_the_pgqr_status_document(migrated: Database) -> None:
 
 def test_status_on_a_database_without_pgqr_says_to_migrate(db: Database) -> None:
     result = pgqr(db, "status")
-    assert result.returncode == 1
-    assert "run `pgqr migrate`" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == f"pgqr: pgqr is not installed in database {db.name}: run `pgqr migrate` first\n"
 
 
 def test_commands_without_a_database_url_exit_2() -> None:
@@ -565,7 +565,7 @@ def test_uninstall_drop_data_drops_schema_and_trigger_but_never_instance_rows(mi
     add(migrated, "beta")  # inserts work without pgqr
     assert migrated.value("SELECT count(*) FROM public.evolution_instances") == 2
     assert migrated.value("SELECT count(*) FROM pg_roles WHERE rolname = 'pgqr_monitor'") == 1
-    assert pgqr(migrated, "status").returncode == 1
+    assert pgqr(migrated, "status").returncode == 2  # not installed
     assert pgqr(migrated, "migrate").returncode == 0  # a clean reinstall
     assert migrated.value("SELECT count(*) FROM pgqr.instance_state") == 2
 
