@@ -505,6 +505,7 @@ async def test_set_webhook_sends_the_nested_body_and_find_reads_it_back(
     assert (row.url, row.events, row.header_names, row.http_status) == (
         hook_url, ("QRCODE_UPDATED", "CONNECTION_UPDATE"), ("X-Secret",), 201)
     assert "s3cret-path" not in repr(row) and "hdr-secret" not in repr(row)
+    assert row.header_values == (("X-Secret", "hdr-secret"),)  # kept for doctor's constant-time comparison
     assert await evolution_client.find_webhook(base, "shop", key) == dataclasses.replace(row, http_status=200)
 
 
