@@ -4,8 +4,10 @@
 #
 #   deploy/image-test.sh            (or: make image-test)
 #
-# Engine: docker when a docker engine answers (`docker info`), else podman (on a machine where no registry is
-# reachable, first run /work/shared/tools/container-base as root: it builds the base images locally).
+# Engine: docker when a docker engine answers (`docker info`), else podman. Podman builds from local base images
+# only: where python:3.11-slim and debian:bookworm-slim are missing, CONTAINER_BASE names a script (run as root)
+# that sets podman up and builds local stand-ins for them; unset, the images are pulled, and where no registry
+# answers that is one line and exit 2.
 # Every container runs with --network host on free loopback ports, and is removed on exit.
 # Settings: ENGINE=docker|podman, IMAGE (default localhost/pgqr:dev), PG_IMAGE (default localhost/pgqr-postgres:15).
 set -uo pipefail
@@ -16,6 +18,11 @@ PG_IMAGE=${PG_IMAGE:-localhost/pgqr-postgres:15}
 STOP_GRACE=15            # seconds `stop` waits before SIGKILL; pgqr's own drain budget is 10 s
 DEADLINE=60              # seconds for anything we wait on (server up, healthy, ready, QR written)
 
+if [ -z "${ENGINE:-}" ] && [ -n "${CONTAINER_BASE:-}" ] && ! docker info >/dev/null 2>&1; then
+    [ -f "$CONTAINER_BASE" ] || { echo "image-test: CONTAINER_BASE=$CONTAINER_BASE is not a file" >&2; exit 2; }
+    log=${TMPDIR:-/tmp}/pgqr-container-base.log
+    bash "$CONTAINER_BASE" >"$log" 2>&1 || { echo "image-test: $CONTAINER_BASE failed (its output: $log)" >&2; exit 2; }
+fi
 if [ -z "${ENGINE:-}" ]; then
     if docker info >/dev/null 2>&1; then ENGINE=docker
     elif command -v podman >/dev/null; then ENGINE=podman
@@ -25,6 +32,17 @@ fi
 for tool in curl python3; do
     command -v $tool >/dev/null || { echo "image-test: needs $tool on the host" >&2; exit 2; }
 done
+if [ "$ENGINE" = podman ]; then
+    bases="python:3.11-slim debian:bookworm-slim"
+    have_bases() { for b in $bases; do podman image exists "$b" || return 1; done; }
+    if ! have_bases; then
+        for b in $bases; do
+            timeout 60 podman pull -q "$b" >/dev/null 2>&1 || {
+                echo "image-test: base image $b is not local and no registry answers: set CONTAINER_BASE to the" \
+                     "script that builds local stand-ins (run as root)" >&2; exit 2; }
+        done
+    fi
+fi
 
 # --- bookkeeping -------------------------------------------------------------------------------------------------
 failures=0
