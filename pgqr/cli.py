@@ -442,10 +442,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        getattr(args, "parser", parser).refuse_unknown(extra)
+    args = build_parser().parse(argv)
     func: Command = args.func
     try:
         return func(args)

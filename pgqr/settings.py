@@ -11,7 +11,7 @@ import argparse
 import difflib
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 
@@ -190,8 +190,8 @@ BINDING = ("migrate", "bind")
 OPTIONS: tuple[Option, ...] = (
     Option("database_url", "DATABASE_URL", dsn, None, "libpq URL or DSN of the application database", ("*",)),
     Option("database_wait_seconds", "PGQR_DATABASE_WAIT_SECONDS", non_negative_float, 60.0,
-           "at start, how long `pgqr run` waits for a database that is down or refuses the role or database "
-           "(it may still be starting or being created); then it exits", ("run",)),
+           "at start, how long `pgqr run` waits for a database that is down or starting, or whose role or database "
+           "does not exist yet (saying so every 10 s); then it exits. Refused credentials exit at once", ("run",)),
     Option("listen_database_url", "PGQR_LISTEN_DATABASE_URL", dsn, None,
            "a direct or session-mode URL for LISTEN, when DATABASE_URL goes through a transaction pooler",
            ("run", "doctor"), default_doc="DATABASE_URL"),
@@ -349,6 +349,14 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+    def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """parse_args(), but an unknown flag is named by the (sub)command that was given it, with the flag meant."""
+        args, extra = self.parse_known_args(argv)
+        if extra:
+            parser: Parser = getattr(args, "parser", self)
+            parser.refuse_unknown(extra)
+        return args
 
     def refuse_unknown(self, extra: list[str]) -> NoReturn:
         """The usage error for arguments this parser does not take, naming the flag meant where it can."""

@@ -19,7 +19,7 @@ LISTED_NAMES = 10  # more instances than this: the start-up lines give the first
 DEFAULT_PORT = 8081
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     d = SimConfig()
     p = Parser(
         prog="pgqr simulate",
@@ -127,4 +127,4 @@ async def serve_forever(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return asyncio.run(serve_forever(build_parser().parse_args(argv)))
+    return asyncio.run(serve_forever(build_parser().parse(argv)))
