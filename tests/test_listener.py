@@ -324,8 +324,9 @@ def test_run_against_a_database_without_pgqr_exits_2_with_one_line(db: Database)
         conn.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
     result = run_pgqr("run", env={"DATABASE_URL": db.dsn, "EVOLUTION_API_URL": "http://127.0.0.1:9"})
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "pgqr: pgqr is not installed in this database: run `pgqr migrate` first"]
+    said, error = result.stderr.strip().splitlines()  # where it connects (a log line), then the one error line
+    assert json.loads(said)["message"].startswith("connecting to the database: host 127.0.0.1")
+    assert error == f"pgqr: pgqr is not installed in database {db.name}: run `pgqr migrate` first"
     assert result.stdout == ""
 
 
