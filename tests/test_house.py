@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pgqr.cli import exit_status_table
 from pgqr.evolution import error_class_table
 from pgqr.settings import markdown_table
 
@@ -23,6 +24,10 @@ def test_the_readme_settings_table_is_the_declaration() -> None:
 
 def test_the_readme_error_class_table_is_the_client_table() -> None:
     assert section("error-classes") == error_class_table()
+
+
+def test_the_readme_exit_status_table_is_the_commands_table() -> None:
+    assert section("exit-statuses") == exit_status_table()
 
 
 def test_the_import_boundaries_hold() -> None:
