@@ -323,3 +323,17 @@ async def test_simulate_prints_the_settings_and_names_for_pgqr_and_they_work(
                 assert r.status == (200 if key == "pgqr-simulator-key" else 401)
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+def test_simulate_on_a_port_in_use_is_one_line_and_exit_2() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_pgqr("simulate", "--port", str(port), timeout=30)
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"pgqr simulate: cannot listen on 127.0.0.1:{port}") and "--port" in line
+    # (the positive control, a free port, is test_simulate_prints_the_settings_and_names_for_pgqr_and_they_work)

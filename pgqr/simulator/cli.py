@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from collections.abc import Sequence
 
 from ..settings import Parser
@@ -104,7 +105,13 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 async def serve_forever(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM or cancellation; prints one line to stdout."""
     sim = Simulator(config_from_args(args))
-    base_url = await sim.start(args.host, args.port)
+    try:
+        base_url = await sim.start(args.host, args.port)
+    except OSError as exc:  # a port in use, an address not ours: one line, a usage error
+        await sim.stop()
+        print(f"pgqr simulate: cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
+              "(choose another with --port, or 0 for a free one)", file=sys.stderr)
+        return 2
     tokens = sim.add_instances(args.instances, prefix=args.instance_prefix, state=args.state)
     # A dev tool: its own fake key and tokens are printed so the user can configure pgqr.
     print("\n".join(start_lines(base_url, sim.config.api_key, tokens)), flush=True)
