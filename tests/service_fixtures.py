@@ -6,7 +6,10 @@ Registered as a plugin by tests/conftest.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -189,21 +192,32 @@ async def notifications(dsn: str, channel: str) -> AsyncIterator[Callable[[float
         await conn.close()
 
 
-async def start_pgqr(env: dict[str, str], output: Path, *args: str) -> asyncio.subprocess.Process:
-    """The real command line (`pgqr *args`) as a child of this event loop; its output goes to a file, so a
-    chatty child never blocks on a full pipe."""
+async def start_pgqr(env: dict[str, str], output: Path, *args: str,
+                     skew: str | None = None) -> asyncio.subprocess.Process:
+    """The real command line (`pgqr *args`) as a child of this event loop, in a process group of its own; its output
+    goes to a file, so a chatty child never blocks on a full pipe. `skew` (like "+20s"): its wall clock is that far
+    off the database's (Debian's faketime; monotonic time stays true, so asyncio's timers do)."""
+    wrapper = ["faketime", "-f", skew] if skew else []
+    env = {**env, "FAKETIME_DONT_FAKE_MONOTONIC": "1"} if skew else env
     with output.open("wb") as out:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pgqr", *args, env=env,
+            *wrapper, sys.executable, "-m", "pgqr", *args, env=env, start_new_session=True,
             stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
+
+
+def stop_group(proc: asyncio.subprocess.Process, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Signal a child started by start_pgqr and whatever it started (faketime runs pgqr as its own child)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
 
 
 @pytest.fixture
 async def children() -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """Subprocesses a test started; killed if the test left them running."""
+    """Subprocesses a test started; killed, with their process groups, if the test left them running."""
     procs: list[asyncio.subprocess.Process] = []
     yield procs
     for proc in procs:
+        stop_group(proc, signal.SIGKILL)
         if proc.returncode is None:
             proc.kill()
             await proc.wait()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +15,7 @@ import aiohttp
 import psycopg
 import pytest
 from aiohttp import web
-from service_fixtures import Env, log_records, running_service, settled, wait_until
+from service_fixtures import Env, log_records, running_service, settled, start_pgqr, stop_group, wait_until
 from sim_fixtures import serve
 
 from pgqr import db, writeback
@@ -342,12 +341,9 @@ async def test_a_late_poll_never_overwrites_a_newer_webhook_qr_whatever_the_side
     async with serve(app) as base_url:
         port = free_port()
         environment = env.command_env(EVOLUTION_API_URL=base_url, PGQR_HTTP_PORT=str(port),
-                                      PGQR_WEBHOOK_SECRET=SECRET, FAKETIME_DONT_FAKE_MONOTONIC="1")
+                                      PGQR_WEBHOOK_SECRET=SECRET)
         output = tmp_path / "run.log"
-        with output.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                "faketime", "-f", skew, sys.executable, "-m", "pgqr", "run",
-                env=environment, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
+        proc = await start_pgqr(environment, output, "run", skew=skew)
         children.append(proc)
         await wait_until(lambda: env.db.value("SELECT count(*) FROM pgqr.listeners") == 1, 60, "pgqr run to start")
         env.add("shop", sim_state=None)
@@ -359,8 +355,9 @@ async def test_a_late_poll_never_overwrites_a_newer_webhook_qr_whatever_the_side
             assert (resp.status, await resp.json()) == (200, {"recorded": True, "qr_updated": True})
         release.set()
         await wait_until(lambda: any(r["source"] == "poll" for r in env.log("shop")), 30, "the poll's write-back")
-        proc.terminate()
-        await proc.wait()
+        stop_group(proc)
+        await wait_until(lambda: env.db.value("SELECT count(*) FROM pgqr.listener_heartbeats WHERE stopped_at IS NULL")
+                         == 0, 30, "pgqr run to stop")
     assert env.row("shop")["qr_code"] == "data:image/png;base64,HOOK"
     assert [(r["source"], r["qr_updated"]) for r in env.log("shop")] == [("webhook", True), ("poll", False)]
     # the child's clock really was off by about `skew` (its log lines are stamped with it)

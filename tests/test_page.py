@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -26,7 +25,7 @@ import psycopg
 import pytest
 from conftest import run_pgqr
 from playwright.async_api import Browser, Page, async_playwright, expect
-from service_fixtures import Env, running_service, settled, wait_until
+from service_fixtures import Env, running_service, settled, start_pgqr, wait_until
 
 from pgqr import db, links, migrations
 from pgqr.evolution import ERROR_CLASSES
@@ -554,12 +553,8 @@ async def test_the_countdown_counts_on_the_databases_clock_when_the_sidecars_is_
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    environment = env.command_env(PGQR_HTTP_PORT=str(port), PGQR_LINK_SECRET=LINK_SECRET,
-                                  FAKETIME_DONT_FAKE_MONOTONIC="1")
-    with (tmp_path / "run.log").open("wb") as out:
-        children.append(await asyncio.create_subprocess_exec(
-            "faketime", "-f", skew, sys.executable, "-m", "pgqr", "run", env=environment,
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT))
+    environment = env.command_env(PGQR_HTTP_PORT=str(port), PGQR_LINK_SECRET=LINK_SECRET)
+    children.append(await start_pgqr(environment, tmp_path / "run.log", "run", skew=skew))
     env.add("shop")
     await wait_until(lambda: env.row("shop")["qr_code"] is not None, 60, "the first QR")
     key = key_of(env, "shop")

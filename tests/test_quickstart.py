@@ -4,6 +4,7 @@ not run: the suite already runs in the project's virtualenv, whose bin directory
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -35,14 +36,14 @@ def quickstart() -> list[str]:
 def shell(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
-    for proc in started:  # the shell and what it left in the background: one process group
-        if proc.poll() is None:
+    for proc in started:  # the shell and what it left in the background (even after the shell ended): one group
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def wait_for(predicate: object, timeout: float, what: str, output: Path) -> None:
