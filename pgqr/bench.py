@@ -822,9 +822,12 @@ class Bench:
                                       "recorded": recorded, "new_qr_logged": new_qr, "stored_webhook_image": kept,
                                       "polls": polls, "polls_new_qr": polls_new_qr, "in_flight": in_flight,
                                       "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
-        r.add("webhooks", f"{label}: {len(shots):,} at {WEBHOOK_RATE:.0f}/s, each as its instance's poll fell due; "
-              f"polls claimed: {polls:,}, webhooks written while their poll was in flight: {in_flight:,}",
-              f"received -> committed p50 / p99 {ms(pct(lat, 0.5))} / {ms(pct(lat, 0.99))}")
+        r.add("webhooks", f"{label}: received -> committed, p50 / p99 ({len(shots):,} at {WEBHOOK_RATE:.0f}/s, "
+              "each as its instance's poll fell due)", f"{ms(pct(lat, 0.5))} / {ms(pct(lat, 0.99))}",
+              "p99 <= 50 ms", pct(lat, 0.99) <= 0.05)
+        # a webhook written before the engine claims its instance moves that poll out to the safety cadence
+        r.add("webhooks", f"{label}: polls claimed / webhooks written while their instance's poll was in flight",
+              f"{polls:,} / {in_flight:,} of {len(shots):,}")
         r.add("webhooks", f"{label}: refused (answered other than 2xx)",
               f"{len(refused)}" + (f" ({'; '.join(why[:3])})" if why else ""), "0", not refused)
         r.add("webhooks", f"{label}: applied (answered recorded / new QR logged / its image stored at the end)",
