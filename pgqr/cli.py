@@ -432,7 +432,7 @@ def build_parser() -> Parser:
     p.add_argument("--json", metavar="PATH", help="also write every figure (and the raw samples) to PATH")
     p.add_argument("--instances", type=_instance_counts, default=None, metavar="N[,N...]",
                    help="reconcile sizes (default: 2000,10000; 100 with --quick)")
-    p.add_argument("--quick", action="store_true", help="small sizes and a 60 s freshness window (about 5 minutes)")
+    p.add_argument("--quick", action="store_true", help="small sizes and a 60 s freshness window (about 8 minutes)")
     p.add_argument("--freshness-seconds", type=float, default=None, metavar="S",
                    help="how long freshness is sampled, once a second (default 180; 60 with --quick)")
     p = _command(sub, "demo", cmd_demo, "throwaway PostgreSQL + pg_cron + simulator + listener, live")
