@@ -229,8 +229,8 @@ class Hub:
                 try:
                     self.reads += 1
                     states = {s.key: s for s in await self._read(chunk)}
-                    for s in list(states.values())[:1]:
-                        self.clock_offset = s.db_now.timestamp() - time.time()
+                    if states:  # every row of one read carries the same now()
+                        self.clock_offset = next(iter(states.values())).db_now.timestamp() - time.time()
                 except Exception as exc:
                     # the database is away: keep what viewers have; the reconnect (or the next sweep) reads again
                     log.warning("live page read failed: %s", describe(exc), extra={"action": "page_read_error"})

@@ -62,3 +62,16 @@ async def eventually(check: Callable[[], Awaitable[T]], ok: Callable[[T], bool],
         if ok(value) or asyncio.get_running_loop().time() > deadline:
             return value
         await asyncio.sleep(0.02)
+
+
+def hanging_evolution(entered: asyncio.Event, release: asyncio.Event) -> web.Application:
+    """An Evolution whose connect says it was called (`entered`), then answers a QR only once `release` is set:
+    a call kept in flight for as long as a test needs."""
+    async def connect(request: web.Request) -> web.Response:
+        entered.set()
+        await release.wait()
+        return web.json_response({"code": "2@x", "base64": "data:image/png;base64,LATE", "count": 1})
+
+    app = web.Application()
+    app.router.add_get("/instance/connect/{name}", connect)
+    return app

@@ -19,12 +19,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from aiohttp import web
 from conftest import Database, command_env, run_pgqr
 from psycopg import sql
 from psycopg.rows import dict_row
 from service_fixtures import Env
-from sim_fixtures import serve
+from sim_fixtures import hanging_evolution, serve
 
 from pgqr.simulator import Simulator
 
@@ -529,23 +528,12 @@ async def test_only_rows_in_a_waiting_status_are_polled(db: Database, simulator:
     assert simulator.stats("a-connecting").connect_calls == 1 and simulator.stats("b-qr").connect_calls == 1
 
 
-async def hanging_evolution(entered: asyncio.Event, release: asyncio.Event) -> web.Application:
-    async def connect(request: web.Request) -> web.Response:
-        entered.set()
-        await release.wait()
-        return web.json_response({"code": "2@x", "base64": "data:image/png;base64,LATE", "count": 1})
-
-    app = web.Application()
-    app.router.add_get("/instance/connect/{name}", connect)
-    return app
-
-
 @pytest.mark.parametrize("moved", [True, False], ids=["app-moves-row", "control"])
 async def test_a_row_the_app_moves_out_of_waiting_mid_call_never_gets_a_qr(db: Database, simulator: Simulator,
                                                                            moved: bool) -> None:
     app = adopted(db, "supabase-whatsapp_instances", simulator)
     entered, release = asyncio.Event(), asyncio.Event()
-    async with serve(await hanging_evolution(entered, release)) as url:
+    async with serve(hanging_evolution(entered, release)) as url:
         key = app.insert("shop", "connecting", url=url)
         run = asyncio.create_task(Env(db, simulator).reconcile())
         await asyncio.wait_for(entered.wait(), 10)

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from aiohttp import web
 from service_fixtures import Env, log_records, running_service, settled, start_pgqr, stop_group, wait_until
-from sim_fixtures import serve
+from sim_fixtures import hanging_evolution, serve
 
 from pgqr import db, writeback
 from pgqr.service import Service
@@ -329,16 +329,8 @@ async def test_a_late_poll_never_overwrites_a_newer_webhook_qr_whatever_the_side
     """`pgqr run` under faketime; its poll is in flight when a webhook brings a newer QR; the poll then returns
     the image Evolution showed when it was called."""
     called, release = asyncio.Event(), asyncio.Event()
-
-    async def connect(request: web.Request) -> web.Response:
-        called.set()
-        await release.wait()
-        return web.json_response({"code": "2@a", "base64": "data:image/png;base64,FROM-POLL", "count": 1})
-
-    app = web.Application()
-    app.router.add_get("/instance/connect/{name}", connect)
     env.db.pause_cron()
-    async with serve(app) as base_url:
+    async with serve(hanging_evolution(called, release)) as base_url:
         port = free_port()
         environment = env.command_env(EVOLUTION_API_URL=base_url, PGQR_HTTP_PORT=str(port),
                                       PGQR_WEBHOOK_SECRET=SECRET)
