@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from service_fixtures import Env, running_service, settled, wait_until
 from sim_fixtures import serve
 
-from pgqr import db
-from pgqr.engine import Engine
+from pgqr import db, writeback
+from pgqr.engine import Engine, InstanceResult
 from pgqr.evolution import EvolutionClient
 from pgqr.settings import Secret
 
@@ -240,3 +241,117 @@ async def test_metrics_show_how_many_waiting_instances_hold_a_qr_within_its_life
         while (seen := await gauges()) != {"pgqr_waiting_instances": 2.0, "pgqr_qr_valid_instances": 1.0}:
             assert asyncio.get_running_loop().time() < deadline, seen
             await asyncio.sleep(0.2)
+
+
+class HeldDueTime(db.Pool):
+    """A real pool whose first read of the next due time, once a call is in flight, is held back (read from
+    PostgreSQL, then not handed to the engine) until the test lets it go: the window between reading the next due
+    time and going to sleep, kept open for as long as the test needs."""
+
+    def __init__(self, dsn: str, call_made: asyncio.Event) -> None:
+        super().__init__(dsn, size=3)
+        self.call_made = call_made
+        self.read = asyncio.Event()  # the engine has read the next due time and waits for the answer
+        self.let_go = asyncio.Event()
+
+    async def value(self, sql: str, params: tuple[object, ...] = ()) -> object:
+        value = await super().value(sql, params)
+        if "next_due_in" in sql and not self.read.is_set():
+            await self.call_made.wait()
+            self.read.set()
+            await self.let_go.wait()
+        return value
+
+
+async def test_a_write_back_that_lands_while_the_next_due_time_is_read_still_wakes_the_engine(env: Env) -> None:
+    """The engine reads the next due time while a call is in flight; the call's result (no QR yet: due again in
+    half a second) is written back before that read reaches the engine. The write-back must still wake it: the
+    due time it read predates the write (the claim's lease, minutes away), so a lost wake-up shows as no second
+    call for as long as the lease and the fallback timer last."""
+    env.set("no_qr_retry_seconds", "0.5")
+    env.set("lease_seconds", "600")
+    call_made, answer = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def connect(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        call_made.set()
+        await answer.wait()
+        return web.json_response({"count": 0})  # Evolution has no QR for it yet
+
+    written, outcomes = asyncio.Event(), []
+
+    def observe(result: InstanceResult) -> None:
+        outcomes.append(result.outcome)
+        written.set()
+
+    app = web.Application()
+    app.router.add_get("/instance/connect/{name}", connect)
+    async with serve(app) as base_url:
+        env.add("waits", sim_state=None)
+        settings = env.settings(evolution_api_url=Secret(base_url), fallback_seconds=600.0, http_timeout=30.0)
+        pool = HeldDueTime(env.db.dsn, call_made)
+        await pool.open()
+        stop, wake = False, asyncio.Event()  # no listener: only the engine's own events wake it
+        async with EvolutionClient(timeout=30) as client:
+            engine = Engine(settings, pool, client, "owner", observe=observe)
+            run = asyncio.create_task(engine.run_forever(wake, lambda: stop))
+            try:
+                await asyncio.wait_for(pool.read.wait(), 60)  # the call is in flight, the due time read and held
+                answer.set()
+                await asyncio.wait_for(written.wait(), 60)  # written back while the engine still waits for its read
+                assert calls == 1 and outcomes == ["no_qr"]
+                pool.let_go.set()
+                await wait_until(lambda: calls >= 2, 60, "the engine to wake for the write-back and call again")
+            finally:
+                stop = True
+                answer.set()
+                pool.let_go.set()
+                wake.set()
+                await asyncio.wait_for(run, 60)
+                await engine.close()
+        await pool.close()
+
+
+class HeldPolls(db.Pool):
+    """A real pool that holds every batch of poll results on its way to PostgreSQL until the test lets it go
+    (a write-back as slow as a test needs); webhook batches pass."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn, size=4)
+        self.holding = asyncio.Event()
+        self.let_go = asyncio.Event()
+
+    async def rows(self, cls: type[Any], sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        if "record_results" in sql and '"source": "poll"' in str(params[1]):
+            self.holding.set()
+            await self.let_go.wait()
+        return await super().rows(cls, sql, params)
+
+
+async def test_a_webhook_is_written_while_a_batch_of_polls_is_still_on_its_way(env: Env) -> None:
+    """One writer for polls and webhooks, and a webhook never queues behind a batch of polls: it is written and
+    answered while the poll batch before it is still held."""
+    env.add("polled", sim_state=None)
+    env.add("hooked", sim_state=None)
+    polled_key, hooked_key = str(env.row("polled")["id"]), str(env.row("hooked")["id"])
+    pool = HeldPolls(env.db.dsn)
+    await pool.open()
+    writer = writeback.ResultWriter(pool, "owner")
+    try:
+        poll = await writer.put(db.Result(key=polled_key, source="poll", outcome="no_qr", claim_id=None))
+        await asyncio.wait_for(pool.holding.wait(), 60)
+        image = "data:image/png;base64,HOOK"
+        hook = db.Result(key=hooked_key, source="webhook", outcome="qr", md5=db.image_md5(image), qr=image)
+        recorded = await asyncio.wait_for(writer.record(hook), 60)
+        assert recorded is not None and recorded.written and recorded.qr_updated
+        assert env.row("hooked")["qr_code"] == image
+        assert not poll.done()  # the poll batch is still held
+        pool.let_go.set()
+        polled = await asyncio.wait_for(poll, 60)
+        assert polled is not None and not polled.written  # no claim: not this writer's to write
+    finally:
+        pool.let_go.set()
+        await writer.close()
+        await pool.close()
