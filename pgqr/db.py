@@ -230,11 +230,13 @@ async def page_states(pool: Pool, keys: list[str]) -> list[PageState]:
         SELECT a.key, a.name, a.status, coalesce(a.waiting, false) AS waiting,
                coalesce(a.status = b.connected_value, false) AS connected,
                coalesce(a.qr, s.qr) AS qr, coalesce(a.pairing_code, s.pairing_code) AS pairing_code,
-               a.phone IS NOT NULL AND a.phone <> '' AS has_phone, s.qr_expires_at,
+               a.phone IS NOT NULL AND a.phone <> '' AS has_phone,
+               greatest(s.qr_expires_at, q.qr_alive_at) AS qr_expires_at,  -- as narrowed by polls (0010)
                s.last_outcome::text AS last_outcome, s.last_error_class, now() AS db_now
         FROM pgqr.app_rows(%s::text[]) a
         CROSS JOIN pgqr.binding b
-        LEFT JOIN pgqr.instance_state s ON s.key = a.key""", (keys,))
+        LEFT JOIN pgqr.instance_state s ON s.key = a.key
+        LEFT JOIN pgqr.schedule q ON q.key = a.key""", (keys,))
     return rows
 
 

@@ -69,8 +69,9 @@ class Env:
 
     def row(self, name: str) -> dict[str, Any]:
         rows = self.db.query(
-            "SELECT e.*, s.* FROM public.evolution_instances e "
-            "JOIN pgqr.instance_state s ON s.key = e.id::text WHERE e.instance_name = %s", (name,))
+            "SELECT e.*, s.*, q.* FROM public.evolution_instances e "
+            "JOIN pgqr.instance_state s ON s.key = e.id::text LEFT JOIN pgqr.schedule q ON q.key = s.key "
+            "WHERE e.instance_name = %s", (name,))
         assert rows, f"no instance {name}"
         return rows[0]
 
@@ -88,10 +89,10 @@ class Env:
     def make_due(self, *names: str) -> None:
         """Bring the next poll of these instances (all when none named) forward to now."""
         if names:
-            self.db.query("UPDATE pgqr.instance_state SET due_at = now(), recent_polls = '{}' "
-                          "WHERE waiting AND name = ANY(%s)", (list(names),))
+            self.db.query("UPDATE pgqr.schedule SET due_at = now(), recent_polls = '{}' WHERE key IN "
+                          "(SELECT key FROM pgqr.instance_state WHERE waiting AND name = ANY(%s))", (list(names),))
         else:
-            self.db.query("UPDATE pgqr.instance_state SET due_at = now(), recent_polls = '{}' WHERE waiting")
+            self.db.query("UPDATE pgqr.schedule SET due_at = now(), recent_polls = '{}' WHERE due_at IS NOT NULL")
 
     def tick(self) -> None:
         """What pg_cron runs every minute: sync and NOTIFY pgqr_refresh."""
@@ -152,8 +153,8 @@ async def settled(service: Service) -> None:
 
     def quiet() -> bool:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT count(*) FROM pgqr.instance_state WHERE waiting AND "
-                               "(due_at <= now() OR lease_owner IS NOT NULL)").fetchone()
+            row = conn.execute("SELECT count(*) FROM pgqr.instance_state JOIN pgqr.schedule USING (key) "
+                               "WHERE waiting AND (due_at <= now() OR lease_owner IS NOT NULL)").fetchone()
         return row == (0,) and not service.engine.in_flight
 
     await wait_until(quiet, 15, "the service to settle")

@@ -335,7 +335,7 @@ async def pgqr_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 
 
 def make_due(db: Database) -> None:
-    db.query("UPDATE pgqr.instance_state SET due_at = now(), recent_polls = '{}' WHERE waiting")
+    db.query("UPDATE pgqr.schedule SET due_at = now(), recent_polls = '{}' WHERE due_at IS NOT NULL")
 
 
 BY_ID = {lay.id: lay for lay in LAYOUTS}

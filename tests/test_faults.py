@@ -98,7 +98,7 @@ async def test_a_replica_killed_mid_reconcile_leaves_no_instance_behind_and_none
     victim = children[0]
 
     def victim_leases() -> list[str]:
-        rows = env.db.query("SELECT key FROM pgqr.instance_state WHERE lease_owner LIKE %s",
+        rows = env.db.query("SELECT key FROM pgqr.schedule WHERE lease_owner LIKE %s",
                             (f"%:{victim.pid}:%",))
         return [str(r["key"]) for r in rows]
 
@@ -159,8 +159,8 @@ async def test_postgresql_away_for_20_seconds_is_waited_out_with_capped_reconnec
         add("during")
         await wait_until(lambda: has_qr("during"), 15, "the second QR")
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("UPDATE pgqr.instance_state SET due_at = now() + interval '5 seconds', "
-                         "recent_polls = '{}' WHERE name = 'during'")
+            conn.execute("UPDATE pgqr.schedule SET due_at = now() + interval '5 seconds', recent_polls = '{}' "
+                         "WHERE key IN (SELECT key FROM pgqr.instance_state WHERE name = 'during')")
             calls_before = simulator.stats("during").connect_calls
 
         stopped_at = asyncio.get_running_loop().time()
@@ -211,9 +211,10 @@ async def test_each_evolution_fault_gets_its_class_and_backoff_and_costs_nobody_
     assert proc.returncode is None, log.read_text()[-3000:]
 
     rows = {str(r["name"]): r for r in env.db.query(
-        "SELECT s.name, s.last_outcome::text, s.last_error_class, s.due_at > now() AS later, "
-        "       s.due_at >= s.last_attempt_at + c.backoff_base * 0.5 AS backs_off "
-        "FROM pgqr.instance_state s LEFT JOIN pgqr.error_classes c ON c.error_class = s.last_error_class")}
+        "SELECT s.name, s.last_outcome::text, s.last_error_class, q.due_at > now() AS later, "
+        "       q.due_at >= q.last_attempt_at + c.backoff_base * 0.5 AS backs_off "
+        "FROM pgqr.instance_state s JOIN pgqr.schedule q USING (key) "
+        "LEFT JOIN pgqr.error_classes c ON c.error_class = s.last_error_class")}
     assert rows.pop("healthy")["last_outcome"] == "qr"
     assert str(env.row("healthy")["qr_code"]).startswith("data:image/png;base64,")
     got = {name.removeprefix("fault-"): (r["last_outcome"], r["last_error_class"], r["later"], r["backs_off"])

@@ -50,7 +50,7 @@ def test_claim_numbers_never_repeat_and_a_reclaimed_rows_old_result_writes_nothi
     env.add("shop", sim_state=None)
     first = claim_all(env)["shop"]
     # the write-back stalls past the lease; the same process claims the row again
-    env.db.query("UPDATE pgqr.instance_state SET due_at = now(), lease_expires_at = now()")
+    env.db.query("UPDATE pgqr.schedule SET due_at = now(), lease_expires_at = now()")
     second = claim_all(env)["shop"]
     assert second["claim_id"] > first["claim_id"]
     [stale] = record(env, "replica", poll(first, "old-call"))
@@ -73,7 +73,8 @@ def test_a_call_made_for_the_rows_old_name_server_or_token_writes_nothing(env: E
     env.db.query(f"UPDATE public.evolution_instances SET {change}")
     [row] = record(env, "replica", poll(claimed, "for-the-old-target"))
     assert (row["written"], row["reason"]) == (False, "superseded")
-    state = env.db.query("SELECT qr_md5, qr_expires_at, claim_id, due_at <= now() AS due FROM pgqr.instance_state")
+    state = env.db.query("SELECT qr_md5, qr_expires_at, claim_id, due_at <= now() AS due "
+                         "FROM pgqr.instance_state JOIN pgqr.schedule USING (key)")
     # nothing written: neither the app's QR nor pgqr's estimate; due again at once for the new target
     assert state == [{"qr_md5": None, "qr_expires_at": None, "claim_id": None, "due": True}]
     assert env.db.value("SELECT qr_code FROM public.evolution_instances") is None
@@ -93,7 +94,7 @@ def test_a_status_flip_during_the_call_supersedes_it_and_adds_no_call_past_the_c
     env.add("shop", sim_state=None)
     env.set("max_calls_per_minute", "2")
     first = claim_all(env)["shop"]
-    env.db.query("UPDATE pgqr.instance_state SET due_at = now(), lease_expires_at = now()")  # the lease ran out
+    env.db.query("UPDATE pgqr.schedule SET due_at = now(), lease_expires_at = now()")  # the lease ran out
     second = claim_all(env)["shop"]
     # two claims in this minute: the cap is reached. The app parks the row and asks again.
     env.db.query("UPDATE public.evolution_instances SET instance_status = 'paused'")
@@ -113,7 +114,8 @@ def test_a_status_flip_during_the_call_supersedes_it_and_adds_no_call_past_the_c
 def test_the_trigger_and_the_tick_agree_on_what_turning_waiting_resets(env: Env) -> None:
     env.add("by-trigger", sim_state=None)
     env.add("by-sync", sim_state=None)
-    env.db.query("UPDATE pgqr.instance_state SET consecutive_failures = 7, repeats = 3, qr_md5 = 'x'")
+    env.db.query("UPDATE pgqr.schedule SET consecutive_failures = 7, repeats = 3")
+    env.db.query("UPDATE pgqr.instance_state SET qr_md5 = 'x'")
     env.db.query("UPDATE public.evolution_instances SET instance_status = 'paused'")
     # one row comes back through the trigger, the other written with triggers off and found by the tick's sync
     env.db.query("UPDATE public.evolution_instances SET instance_status = 'connecting' "
@@ -167,7 +169,7 @@ def quiet_rows(env: Env, *names: str) -> dict[str, str]:
     """App rows nothing polls (not due for an hour); returns their keys."""
     for name in names:
         env.add(name, sim_state=None)
-    env.db.query("UPDATE pgqr.instance_state SET due_at = now() + interval '1 hour'")
+    env.db.query("UPDATE pgqr.schedule SET due_at = now() + interval '1 hour'")
     return {name: str(env.row(name)["id"]) for name in names}
 
 
@@ -190,7 +192,7 @@ async def test_a_webhook_that_meets_a_write_of_its_instance_waits_for_it_and_app
         env: Env, hooked: Service) -> None:
     keys = quiet_rows(env, "shop", "other")
     # pgqr's own write-back of the same instance holds the state row (a few hundred ms on a loaded machine)
-    holder = await hold(env, "SELECT 1 FROM pgqr.instance_state WHERE key = %s FOR UPDATE", (keys["shop"],))
+    holder = await hold(env, "SELECT 1 FROM pgqr.schedule WHERE key = %s FOR UPDATE", (keys["shop"],))
     waiting = asyncio.create_task(post_qr(hooked, "shop", "WAITED"))
     # one waiting webhook never holds up the rest of its group
     assert await post_qr(hooked, "other", "OTHER") == (200, {"recorded": True, "qr_updated": True})
@@ -295,13 +297,15 @@ async def test_a_full_write_back_buffer_makes_put_wait_instead_of_growing(env: E
 def test_a_leased_row_is_not_at_the_head_of_the_due_index(env: Env) -> None:
     env.add("leased", sim_state=None)
     env.add("later", sim_state=None)
-    env.db.query("UPDATE pgqr.instance_state SET due_at = now() + interval '10 seconds' WHERE name = 'later'")
+    env.db.query("UPDATE pgqr.schedule SET due_at = now() + interval '10 seconds' "
+                 "WHERE key IN (SELECT key FROM pgqr.instance_state WHERE name = 'later')")
     assert env.db.value("SELECT pgqr.next_due_in()") == 0.0
     assert list(claim_all(env)) == ["leased"]
     # the claim moved its due time to its lease's end: the index's head is 'later', not a row already taken
     leased = env.row("leased")
     assert leased["due_at"] == leased["lease_expires_at"]
-    assert env.db.value("SELECT name FROM pgqr.instance_state WHERE waiting ORDER BY due_at LIMIT 1") == "later"
+    assert env.db.value("SELECT name FROM pgqr.instance_state JOIN pgqr.schedule USING (key) "
+                        "WHERE waiting ORDER BY due_at LIMIT 1") == "later"
     assert 8 < env.db.value("SELECT pgqr.next_due_in()") <= 10  # type: ignore[operator]
     # and it is read from the due index, one step, not by scanning every waiting row
     with env.db.connect() as conn:
@@ -310,7 +314,7 @@ def test_a_leased_row_is_not_at_the_head_of_the_due_index(env: Env) -> None:
             conn.execute("SELECT pg_stat_clear_snapshot()")
             row = conn.execute(
                 "SELECT i.idx_scan, t.seq_scan FROM pg_stat_user_indexes i JOIN pg_stat_user_tables t USING (relid) "
-                "WHERE i.indexrelname = 'instance_state_due_idx'").fetchone()
+                "WHERE i.indexrelname = 'schedule_due_idx'").fetchone()
             assert row is not None
             return int(row["idx_scan"]), int(row["seq_scan"])  # type: ignore[call-overload]
 
@@ -377,7 +381,8 @@ async def test_a_result_whose_row_left_waiting_during_the_call_is_reported_not_a
     async with serve(app) as base_url:
         env.add("leaving", sim_state=None)
         env.add("staying", sim_state=None, status="connecting")
-        env.db.query("UPDATE pgqr.instance_state SET due_at = now() + interval '1 hour' WHERE name = 'staying'")
+        env.db.query("UPDATE pgqr.schedule SET due_at = now() + interval '1 hour' "
+                     "WHERE key IN (SELECT key FROM pgqr.instance_state WHERE name = 'staying')")
         summary = await env.reconcile(evolution_api_url=Secret(base_url))
     [result] = summary.results
     assert (result.instance_name, result.outcome) == ("leaving", "not_applied")

@@ -245,7 +245,7 @@ async def test_the_heartbeat_advances_and_a_stop_marks_it_and_releases_leases(en
     await asyncio.wait_for(task, 15)  # well before the call would end
     last = heartbeat(env, service.owner)
     assert last is not None and last["stopped_at"] is not None
-    assert env.db.value("SELECT count(*) FROM pgqr.instance_state WHERE lease_owner = %s", (service.owner,)) == 0
+    assert env.db.value("SELECT count(*) FROM pgqr.schedule WHERE lease_owner = %s", (service.owner,)) == 0
     assert env.row("stuck")["lease_expires_at"] is None
 
 
@@ -270,7 +270,7 @@ async def test_sigterm_finishes_the_call_in_flight_and_exits_0_within_the_grace_
     assert [(r["outcome"], r["written"], r["owner"]) for r in env.log("inflight")] == [("qr", True, owner)]
     row = env.row("inflight")
     assert row["qr_code"] is not None and row["lease_owner"] is None
-    assert env.db.value("SELECT count(*) FROM pgqr.instance_state WHERE lease_owner IS NOT NULL") == 0
+    assert env.db.value("SELECT count(*) FROM pgqr.schedule WHERE lease_owner IS NOT NULL") == 0
     assert env.db.value("SELECT stopped_at IS NOT NULL FROM pgqr.listener_heartbeats WHERE owner = %s", (owner,))
 
 

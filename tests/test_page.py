@@ -258,6 +258,7 @@ async def test_a_qr_with_no_known_expiry_says_a_new_code_is_on_its_way(env: Env,
     await expect(countdown).to_contain_text("Code expires in", timeout=SLOW)  # the positive control
     # a row whose QR nobody can date (as one the app wrote itself): the database knows no expiry
     env.db.query("UPDATE pgqr.instance_state SET qr_expires_at = NULL WHERE key = %s", (key,))
+    env.db.query("UPDATE pgqr.schedule SET qr_alive_at = NULL WHERE key = %s", (key,))  # nor narrowed by a poll
     env.db.query("SELECT pg_notify('pgqr_qr_updated', json_build_object('key', %s::text)::text)", (key,))
     await expect(countdown).to_have_text("A new code is on its way\u2026", timeout=SLOW)
     await expect(page.locator("#qr")).to_be_visible()

@@ -18,15 +18,25 @@ def t(seconds: float) -> datetime:
     return AT + timedelta(seconds=seconds)
 
 
+SCHEDULED = {"due_at", "claim_id", "claimed_at", "lease_owner", "lease_expires_at", "recent_polls", "repeats",
+             "consecutive_failures", "last_poll_at", "last_attempt_at", "last_success_at", "qr_alive_at"}
+
+
 def plan(db: Database, state: dict[str, Any], result: dict[str, Any], at: datetime = AT) -> dict[str, Any]:
     """plan_next for the instance 'shop' with its bookkeeping set to `state` (other columns as after a fresh
-    start), one result (a poll unless it says otherwise) and the database's time `at`."""
-    sets = ", ".join(f"{column} = %s" for column in state)
-    if sets:
-        db.query(f"UPDATE pgqr.instance_state SET {sets} WHERE name = 'shop'", tuple(state.values()))
+    start; what schedules the next call lives in pgqr.schedule, the rest in pgqr.instance_state), one result (a
+    poll unless it says otherwise) and the database's time `at`."""
+    for table, columns in (("schedule", [c for c in state if c in SCHEDULED]),
+                           ("instance_state", [c for c in state if c not in SCHEDULED])):
+        if columns:
+            sets = ", ".join(f"{column} = %s" for column in columns)
+            db.query(f"UPDATE pgqr.{table} SET {sets} "
+                     "WHERE key = (SELECT key FROM pgqr.instance_state WHERE name = 'shop')",
+                     tuple(state[c] for c in columns))
     [row] = db.query(
-        "SELECT p.* FROM pgqr.instance_state s, "
-        "LATERAL pgqr.plan_next(s, jsonb_populate_record(NULL::pgqr.result, %s::jsonb), %s) p WHERE s.name = 'shop'",
+        "SELECT p.* FROM pgqr.instance_state s JOIN pgqr.schedule q USING (key), "
+        "LATERAL pgqr.plan_next(s, q, jsonb_populate_record(NULL::pgqr.result, %s::jsonb), %s) p "
+        "WHERE s.name = 'shop'",
         (json.dumps({"key": "k", "source": "poll", **result}), at))
     return row
 
@@ -35,7 +45,7 @@ def plan(db: Database, state: dict[str, Any], result: dict[str, Any], at: dateti
 def shop(quiet: Database) -> Database:
     quiet.query("INSERT INTO public.evolution_instances (instance_name, instance_status) VALUES ('shop', 'connecting')")
     # a claim made 1 s before AT (the poll's start, by the database's clock)
-    quiet.query("UPDATE pgqr.instance_state SET claimed_at = %s, last_poll_at = NULL, recent_polls = '{}'",
+    quiet.query("UPDATE pgqr.schedule SET claimed_at = %s, last_poll_at = NULL, recent_polls = '{}'",
                 (t(-1),))
     return quiet
 

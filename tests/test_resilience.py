@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("no_cron_ticks")
 
 
 def leases_held(db: Database) -> int:
-    return int(db.value("SELECT count(*) FROM pgqr.instance_state WHERE lease_owner IS NOT NULL"))  # type: ignore[arg-type]
+    return int(db.value("SELECT count(*) FROM pgqr.schedule WHERE lease_owner IS NOT NULL"))  # type: ignore[arg-type]
 
 
 def claim(db: Database, owner: str, max_rows: int) -> set[str]:
@@ -72,10 +72,10 @@ async def test_the_lease_alone_keeps_a_second_claimer_away_until_it_expires(env:
         env.add(name, sim_state=None, triggers=False)
     assert claim(env.db, "a", 10) == {"one", "two", "three"}
     assert claim(env.db, "b", 10) == set()  # 'infinity': only the lease can be keeping b out
-    env.db.query("UPDATE pgqr.instance_state SET lease_expires_at = now() - interval '1 second' "
+    env.db.query("UPDATE pgqr.schedule SET lease_expires_at = now() - interval '1 second' "
                  "WHERE lease_owner = 'a'")
     assert claim(env.db, "b", 10) == {"one", "two", "three"}
-    assert env.db.value("SELECT array_agg(DISTINCT lease_owner) FROM pgqr.instance_state") == ["b"]
+    assert env.db.value("SELECT array_agg(DISTINCT lease_owner) FROM pgqr.schedule") == ["b"]
 
 
 async def test_two_concurrent_claims_over_fifty_due_rows_split_them_without_overlap(env: Env) -> None:
@@ -104,7 +104,7 @@ async def test_two_concurrent_claims_over_fifty_due_rows_split_them_without_over
             t.join(10)
         assert got["a"].isdisjoint(got["b"]), (round_, sorted(got["a"] & got["b"]))
         assert got["a"] | got["b"] == everything, (round_, sorted(everything - got["a"] - got["b"]))
-        env.db.query("UPDATE pgqr.instance_state SET lease_owner = NULL, lease_expires_at = NULL")
+        env.db.query("UPDATE pgqr.schedule SET lease_owner = NULL, lease_expires_at = NULL")
 
 
 async def test_a_killed_replicas_lease_holds_until_it_expires_then_another_owner_refreshes(
@@ -125,15 +125,15 @@ async def test_a_killed_replicas_lease_holds_until_it_expires_then_another_owner
 
     row = env.row("victim")
     assert row["lease_owner"] == dead and row["qr_code"] is None
-    assert env.db.value("SELECT lease_expires_at > now() FROM pgqr.instance_state WHERE name = 'victim'")
+    assert env.row("victim")["lease_expires_at"] > env.db.value("SELECT now()")
     env.sim.config.timeout_rate = 0.0
     env.make_due("victim")  # so only the lease can keep the survivor away
     early = await env.reconcile(owner="survivor")
     assert early.results == []  # the dead owner's lease still stands
     assert env.sim.stats("victim").connect_calls == 1
 
-    env.db.query("UPDATE pgqr.instance_state SET lease_expires_at = now() - interval '1 second' "
-                 "WHERE name = 'victim'")
+    env.db.query("UPDATE pgqr.schedule SET lease_expires_at = now() - interval '1 second' "
+                 "WHERE key IN (SELECT key FROM pgqr.instance_state WHERE name = 'victim')")
     summary = await env.reconcile(owner="survivor")
     assert [(r.instance_name, r.outcome) for r in summary.results] == [("victim", "qr_stored")]
     row = env.row("victim")
@@ -217,7 +217,7 @@ async def test_sigterm_with_a_backlog_finishes_the_batch_in_flight_and_takes_no_
     output = out.read_text()
     assert status == 0, output
     attempted = env.db.value("SELECT count(*) FROM pgqr.refresh_log")
-    claimed = env.db.value("SELECT count(*) FROM pgqr.instance_state WHERE last_attempt_at IS NOT NULL")
+    claimed = env.db.value("SELECT count(*) FROM pgqr.schedule WHERE last_attempt_at IS NOT NULL")
     assert attempted < 10, output  # type: ignore[operator]
     # the batch in flight (and at most one claimed as the signal landed) finishes; no further batch starts
     assert claimed <= 4, (claimed, attempted)  # type: ignore[operator]

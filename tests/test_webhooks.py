@@ -139,7 +139,8 @@ def quiet_rows(env: Env, *names: str) -> None:
                          "user_id) VALUES (%s, %s, 'connecting', gen_random_uuid())", (name, token))
         conn.execute("SET LOCAL session_replication_role = origin")
         conn.execute("SELECT pgqr.sync_instances()")
-        conn.execute("UPDATE pgqr.instance_state SET due_at = now() + interval '1 hour' WHERE name = ANY(%s)",
+        conn.execute("UPDATE pgqr.schedule SET due_at = now() + interval '1 hour' "
+                     "WHERE key IN (SELECT key FROM pgqr.instance_state WHERE name = ANY(%s))",
                      (list(names),))
 
 
@@ -549,11 +550,12 @@ async def test_a_poll_write_back_and_a_webhook_for_the_same_instance_do_not_dead
     poll = [{"key": key, "source": "poll", "outcome": "qr", "qr": "data:image/png;base64,POLL", "md5": "p",
              "claim_id": claimed["claim_id"]}]
     hook = [{"key": key, "source": "webhook", "outcome": "qr", "qr": "data:image/png;base64,HOOK", "md5": "h"}]
-    holder = await psycopg.AsyncConnection.connect(env.db.dsn)  # a third session briefly holding the state row
+    # a third session briefly holding the instance: its schedule row, the lock every writer takes first
+    holder = await psycopg.AsyncConnection.connect(env.db.dsn)
     replica_a = await psycopg.AsyncConnection.connect(env.db.dsn, autocommit=True)
     replica_b = await psycopg.AsyncConnection.connect(env.db.dsn, autocommit=True)
     try:
-        await holder.execute("SELECT 1 FROM pgqr.instance_state WHERE key = %s FOR UPDATE", (key,))
+        await holder.execute("SELECT 1 FROM pgqr.schedule WHERE key = %s FOR UPDATE", (key,))
         write = "SELECT * FROM pgqr.record_results(%s, %s::jsonb)"
         first = await (await replica_a.execute(write, ("replica-a", json.dumps(poll)))).fetchall()
         second = await (await replica_b.execute(write, ("replica-b", json.dumps(hook)))).fetchall()
