@@ -14,6 +14,7 @@ work lengthens tails.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import json
@@ -880,6 +881,7 @@ class Bench:
                          "every instance's first QR", 120)
             await asyncio.sleep(45)  # one QR lifetime: the schedule has seen every instance rotate once
             calls_before = sum(s["connect_calls"] for s in (await sim.stats()).values())
+            cost_from = await cost_point(d)
             started = time.monotonic()
             fresh = total = 0
             async with await d.connect() as conn:
@@ -894,6 +896,7 @@ class Bench:
                             fresh += stored.get(name) == now["md5"]
                     await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
             minutes = (time.monotonic() - started) / 60
+            cost_to = await cost_point(d)
             calls = sum(s["connect_calls"] for s in (await sim.stats()).values()) - calls_before
             share = fresh / total if total else float("nan")
             target = 0.99 if hooked else 0.95
@@ -909,11 +912,58 @@ class Bench:
                 r.add(section, measure, f"{share:.1%}", f">= {target:.0%} and >= {floor:.1%}",
                       share >= target and share >= floor)
             r.add(section, "Evolution calls per instance per minute", f"{calls / n / minutes:.2f}")
+            if not skew:
+                day = 1000 / n * 1440 / minutes  # this window, scaled to 1,000 waiting instances and a day
+                cost = {k: (cost_to[k] - cost_from[k]) * day for k in cost_to}
+                r.raw[section + " cost"] = {"window": {k: cost_to[k] - cost_from[k] for k in cost_to},
+                                            "per_1000_day": cost}
+                r.add(section, "database cost per 1,000 waiting instances a day: WAL / refresh_log rows / "
+                      "refresh_counts rows / disk growth",
+                      f"{cost['wal'] / 1e9:.2f} GB / {cost['log_rows']:,.0f} / {cost['count_rows']:,.0f} / "
+                      f"{cost['bytes'] / 1e6:,.0f} MB")
+                if not hooked:
+                    await pgqr.stop()
+                    pgqr = None
+                    wal = await edge_function_minute(d, list(tokens))
+                    r.raw[section + " edge function"] = {"wal_per_instance_minute": wal}
+                    r.add(section, "the once-a-minute Edge Function, measured the same way: WAL per 1,000 "
+                          "waiting instances a day (it rewrites each row's 13 KB QR every minute, no log)",
+                          f"{wal * 1000 * 1440 / 1e9:.2f} GB")
         finally:
             if pgqr is not None:
                 await pgqr.stop()
             await sim.stop()
             d.drop()
+
+
+async def cost_point(d: Db) -> dict[str, float]:
+    """What pgqr has cost the database so far: WAL position, log and count rows, bytes on disk of pgqr's tables
+    and the app's (with indexes and TOAST)."""
+    async with await d.connect() as conn:
+        cur = await conn.execute(
+            "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn, (SELECT count(*) FROM pgqr.refresh_log), "
+            "(SELECT count(*) FROM pgqr.refresh_counts), "
+            "(SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            " WHERE c.relkind = 'r' AND (n.nspname = 'pgqr' OR c.oid = 'public.evolution_instances'::regclass))")
+        row = await cur.fetchone()
+    assert row is not None
+    return dict(zip(("wal", "log_rows", "count_rows", "bytes"), (float(v) for v in row), strict=True))
+
+
+async def edge_function_minute(d: Db, names: list[str]) -> float:
+    """WAL per instance of one run of the Edge Function pgqr replaces: one UPDATE per instance, in a sequential
+    loop, writing a new 13 KB QR (random, as a PNG's base64 is to PostgreSQL's compression) whether or not it
+    changed. pgqr's trigger does not fire for the QR column."""
+    async with await psycopg.AsyncConnection.connect(d.dsn, autocommit=True) as conn:
+        before = await conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+        start = (await before.fetchone() or (0,))[0]
+        for name in names:
+            image = "data:image/png;base64," + base64.b64encode(os.urandom(IMAGE_BYTES * 3 // 4)).decode()
+            await conn.execute("UPDATE public.evolution_instances SET qr_code = %s WHERE instance_name = %s",
+                               (image, name))
+        after = await conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+        end = (await after.fetchone() or (0,))[0]
+    return float(end - start) / len(names)
 
 
 def main(options: Options, json_path: str | None = None) -> int:
