@@ -36,7 +36,7 @@ from urllib.parse import quote
 import aiohttp
 import psycopg
 
-from . import bench_page, devdb, migrations, tables
+from . import bench_page, bench_scale, devdb, migrations, tables
 from .db import image_md5
 
 LATENCY = 0.2           # seconds per simulated Evolution call
@@ -545,6 +545,13 @@ class Options:
     concurrency: int = 100
     latency: float = LATENCY
     freshness_instances: int = 1000
+    phases: tuple[str, ...] = ()  # only these (PHASES' names); empty: every phase the run's size includes
+
+
+# Each phase by name, in the order they run. --quick leaves out the three marked full-only and runs the skewed
+# freshness phases not at all, which keeps it under 5 minutes.
+PHASES = ("reconcile", "service", "page", "freshness", "skew", "scale", "replicas", "crash")
+FULL_ONLY = ("skew", "scale", "replicas")
 
 
 class Bench:
@@ -555,19 +562,36 @@ class Bench:
         self.report = Report(machine())
         self.fresh_share: dict[str, float] = {}  # freshness by mode, without skew: what the skewed rows compare to
 
+    def wants(self, phase: str) -> bool:
+        if self.o.phases:
+            return phase in self.o.phases
+        return not (self.o.quick and phase in FULL_ONLY)
+
     async def run(self) -> Report:
-        sim = await SimProcess.start(qr_ttl=3600, latency=self.o.latency)
-        try:
-            for n in self.o.instances:
-                await self.reconcile(sim, n)
-            await self.service_phases(sim)
-        finally:
-            await sim.stop()
-        await self.live_page()
-        await self.freshness("polling only")
-        for skew in (20, -20):  # the same phase with the sidecar's clock ahead, then behind
+        if self.o.quick and not self.o.phases:
+            self.report.machine["skipped"] = list(FULL_ONLY)
+            print(f"pgqr bench --quick: skipping the phases {', '.join(FULL_ONLY)} (the skewed-clock freshness, "
+                  "100,000 rows and replicas: the full bench runs them)", file=sys.stderr, flush=True)
+        if self.wants("reconcile") or self.wants("service"):
+            sim = await SimProcess.start(qr_ttl=3600, latency=self.o.latency)
+            try:
+                for n in self.o.instances if self.wants("reconcile") else ():
+                    await self.reconcile(sim, n)
+                if self.wants("service"):
+                    await self.service_phases(sim)
+            finally:
+                await sim.stop()
+        if self.wants("page"):
+            await self.live_page()
+        if self.wants("freshness"):
+            await self.freshness("polling only")
+        for skew in (20, -20) if self.wants("skew") else ():  # the same phase with the clock ahead, then behind
             await self.freshness("polling only", skew)
-        await self.freshness("with webhooks")
+        if self.wants("freshness"):
+            await self.freshness("with webhooks")
+        for phase in ("scale", "replicas", "crash"):
+            if self.wants(phase):
+                await getattr(bench_scale, phase)(self)
         self.report.machine["load_at_end"] = os.getloadavg()
         return self.report
 
@@ -576,7 +600,9 @@ class Bench:
         d = Db.create(self.server, f"bench_reconcile_{n}")
         tokens = await sim.bulk(n, f"r{n}")
         await d.load(tokens)
+        statements = await bench_scale.statements_reset(d)
         first = await reconcile_in_child(d.dsn, sim.base_url, c)
+        spent = await bench_scale.statements_time(d) if statements else None
         ideal = n * lat / c
         eff = ideal / first["wall"]
         section = f"reconcile N={n:,}"
@@ -588,16 +614,22 @@ class Bench:
               eff >= 0.9 if n >= 10000 else None)
         r.add(section, "peak RSS of the pgqr process", f"{first['peak_rss_mb']:.0f} MiB", "<= 200 MB",
               first["peak_rss_mb"] * 1.048576 <= 200)
+        if spent is not None:
+            bench_scale.add_db_time(self, section, "first pass, a new QR each", spent, first["total_instances"], n)
         # the same instances again, nothing changed at Evolution: what does a pass cost the database?
         await d.execute("UPDATE pgqr.schedule SET due_at = now(), recent_polls = '{}' WHERE due_at IS NOT NULL")
         await d.quiesce()
+        statements = statements and await bench_scale.statements_reset(d)
         before = await d.wal_lsn()
         second = await reconcile_in_child(d.dsn, sim.base_url, c)
+        spent = await bench_scale.statements_time(d) if statements else None
         wal = await d.wal_lsn() - before
         r.raw[section + " unchanged"] = {**second, "wal_bytes": wal}
         r.add(section, "second pass, no QR changed: wall", f"{second['wall']:.1f} s "
                                                              f"({second['qr_unchanged']:,} unchanged)")
         r.add(section, "WAL per instance, no QR changed", f"{wal / n:,.0f} B")
+        if spent is not None:
+            bench_scale.add_db_time(self, section, "second pass, no QR changed", spent, second["total_instances"], n)
         sample = dict(list(tokens.items())[:SEQUENTIAL_SAMPLE])
         per = await sequential(d, sim.base_url, sample)
         r.add(section, f"sequential (old way), {SEQUENTIAL_SAMPLE} sampled, extrapolated",

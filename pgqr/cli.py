@@ -48,6 +48,7 @@ EXIT_STATUSES: tuple[tuple[int, str], ...] = (
         "reports that as a failed check)"),
 )
 WAIT_REPORT_SECONDS = 10.0
+STATUS_ROWS = 200  # `pgqr status` shows at most this many instances by default
 
 
 def exit_status_table() -> str:
@@ -212,7 +213,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     from . import status
 
     doc = status.status(load(args))
-    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else status.format_status(doc))
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    every = doc["instances"]
+    if args.limit > 0 and len(every) > args.limit:
+        # a table of 100,000 rows helps nobody: the instances needing attention first, then a count of the rest
+        def attention(i: dict[str, Any]) -> int:
+            return 0 if i["consecutive_failures"] else 1 if i["waiting"] and not i["qr_valid"] else \
+                2 if i["waiting"] else 3
+
+        doc["instances"] = sorted(every, key=attention)[:args.limit]  # a stable sort: by name within each
+    print(status.format_status(doc))
+    if len(every) > len(doc["instances"]):
+        waiting = sum(bool(i["waiting"]) for i in every)
+        print(f"showing {len(doc['instances']):,} of {len(every):,} instances ({waiting:,} waiting), failing and "
+              "expired first; --limit 0 shows every one, --json the whole document")
     return 0
 
 
@@ -305,6 +321,14 @@ def _instance_counts(raw: str) -> tuple[int, ...]:
     return counts
 
 
+def _bench_phases(raw: str) -> tuple[str, ...]:
+    known = ("reconcile", "service", "page", "freshness", "skew", "scale", "replicas", "crash")  # bench.PHASES
+    phases = tuple(v.strip() for v in raw.split(",") if v.strip())
+    if not phases or set(phases) - set(known):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(known)}; got {raw!r}")
+    return phases
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     _require_sim_extra("bench")
     from . import bench
@@ -314,6 +338,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         quick=args.quick,
         freshness_seconds=args.freshness_seconds or (60.0 if args.quick else 180.0),
         freshness_instances=100 if args.quick else 1000,
+        phases=args.phases,
     )
     return bench.main(options, args.json)
 
@@ -396,6 +421,9 @@ def build_parser() -> Parser:
     p = _command(sub, "status", cmd_status, "each instance's refresh health, listeners, jobs and firing alerts",
                  settings="status")
     p.add_argument("--json", action="store_true", help="one JSON document (pgqr.status()) for machines")
+    p.add_argument("--limit", type=int, default=STATUS_ROWS, metavar="N",
+                   help="the table shows at most N instances, failing and expired first (default: %(default)s; "
+                        "0: every one)")
     _command(sub, "doctor", cmd_doctor, "check the installation, each problem with its fix; 0 when all pass",
              settings="doctor")
     p = _command(sub, "webhooks", _usage, "Evolution's per-instance webhooks pointed at pgqr")
@@ -432,7 +460,12 @@ def build_parser() -> Parser:
     p.add_argument("--json", metavar="PATH", help="also write every figure (and the raw samples) to PATH")
     p.add_argument("--instances", type=_instance_counts, default=None, metavar="N[,N...]",
                    help="reconcile sizes (default: 2000,10000; 100 with --quick)")
-    p.add_argument("--quick", action="store_true", help="small sizes and a 60 s freshness window (about 8 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and a 60 s freshness window; skips the skewed-clock freshness, 100,000-row and "
+                        "replica phases (under 5 minutes; the full bench takes about 30)")
+    p.add_argument("--phases", type=_bench_phases, default=(), metavar="NAME[,NAME...]",
+                   help="run only these phases: reconcile, service, page, freshness, skew, scale, replicas, crash "
+                        "(default: all, or all but the full-only ones with --quick)")
     p.add_argument("--freshness-seconds", type=float, default=None, metavar="S",
                    help="how long freshness is sampled, once a second (default 180; 60 with --quick)")
     p = _command(sub, "demo", cmd_demo, "throwaway PostgreSQL + pg_cron + simulator + listener, live")

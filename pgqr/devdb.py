@@ -111,6 +111,15 @@ def _service_account() -> str | None:
     return SERVICE_ACCOUNT
 
 
+def preload_libraries(bindir: Path, *, cron: bool) -> list[str]:
+    """What the server preloads: pg_cron (unless left out) and pg_stat_statements, which `pgqr bench` reads for
+    the database's own time per poll (Debian's postgresql-15 ships it; a build without it just goes without)."""
+    libs = ["pg_cron"] if cron else []
+    if (bindir.parent / "lib" / "pg_stat_statements.so").exists():
+        libs.append("pg_stat_statements")
+    return libs
+
+
 def create(*, cron_database: str | None = "postgres", port: int | None = None) -> DevServer:
     """initdb and start a server. cron_database=None leaves pg_cron out of shared_preload_libraries."""
     bindir = find_bindir()
@@ -136,8 +145,10 @@ def create(*, cron_database: str | None = "postgres", port: int | None = None) -
             "full_page_writes": "off",
             "log_min_messages": "warning",
         }
+        preload = preload_libraries(bindir, cron=cron_database is not None)
+        if preload:
+            settings["shared_preload_libraries"] = f"'{','.join(preload)}'"
         if cron_database is not None:
-            settings["shared_preload_libraries"] = "'pg_cron'"
             settings["cron.database_name"] = f"'{cron_database}'"
             # pg_cron runs each job over libpq; point it at the address we listen on
             settings["cron.host"] = "'127.0.0.1'"

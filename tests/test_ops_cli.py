@@ -68,6 +68,22 @@ def test_status_json_is_the_pgqr_status_document(migrated: Database) -> None:
     assert TOKEN not in result.stdout and '"token":' not in result.stdout
 
 
+def test_status_shows_at_most_limit_instances_failing_and_waiting_first_and_counts_the_rest(
+        migrated: Database) -> None:
+    migrated.query("INSERT INTO public.evolution_instances (instance_name, instance_status) "
+                   "SELECT 'done-' || i, 'connected' FROM generate_series(1, 5) i")
+    add(migrated, "waiting")
+    migrated.query("SELECT pgqr.tick()")
+    result = pgqr(migrated, "status", "--limit", "2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["waiting", "done-1"]
+    assert not any(line.startswith("done-2") for line in lines)
+    assert lines[-1].startswith("showing 2 of 6 instances (1 waiting)")
+    every = pgqr(migrated, "status", "--limit", "0").stdout
+    assert all(f"done-{i} " in every for i in range(1, 6)) and "showing" not in every
+
+
 def test_status_on_a_database_without_pgqr_says_to_migrate(db: Database) -> None:
     result = pgqr(db, "status")
     assert result.returncode == 2
