@@ -7,8 +7,9 @@ PG_LIB := /usr/lib/postgresql/15/lib
 
 .PHONY: test demo bench lint system venv clean image-test
 
+# two workers, each with its own throwaway PostgreSQL (most tests wait on real processes and timers, not the CPU)
 test: system venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 demo: system venv
 	$(BIN)/pgqr demo

@@ -113,7 +113,7 @@ def messages(path: Path) -> list[str]:
 
 
 async def test_run_says_where_it_connects_then_waits_for_a_database_being_created(
-        db: Database, tmp_path: Path, children: list[asyncio.subprocess.Process]) -> None:
+        db: Database, pgqr_template: str, tmp_path: Path, children: list[asyncio.subprocess.Process]) -> None:
     secret = "not-needed-" + "s" * 10  # trust ignores it; it must still never be printed
     with psycopg.connect(db.server.dsn("postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{db.name}"')
@@ -129,9 +129,11 @@ async def test_run_says_where_it_connects_then_waits_for_a_database_being_create
     waiting = next(m for m in said if "still waiting" in m)
     assert f'database "{db.name}" does not exist' in waiting and target in waiting, waiting
     assert proc.returncode is None  # still waiting, as asked
-    # the database appears and pgqr is installed: the same process goes on and serves
+    # the database appears and pgqr is installed: the same process goes on and serves. It appears with pgqr in it
+    # (a clone of the migrated template): a retry between an empty database's creation and its migrate would find
+    # pgqr not installed and exit 2, as it should
     with psycopg.connect(db.server.dsn("postgres"), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db.name}"')
+        conn.execute(f'CREATE DATABASE "{db.name}" TEMPLATE "{pgqr_template}"')
     assert run_pgqr("migrate", env={"DATABASE_URL": db.dsn}).returncode == 0
     db.pause_cron()
     await wait_until(lambda: any(r.get("action") == "start" for r in log_records(out)), 120, "pgqr run to start")
