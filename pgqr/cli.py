@@ -336,7 +336,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     options = bench.Options(
         instances=(100,) if args.quick and args.instances is None else (args.instances or (2000, 10000)),
         quick=args.quick,
-        freshness_seconds=args.freshness_seconds or (60.0 if args.quick else 180.0),
+        freshness_seconds=args.freshness_seconds or (30.0 if args.quick else 180.0),
         freshness_instances=100 if args.quick else 1000,
         phases=args.phases,
     )
@@ -461,13 +461,13 @@ def build_parser() -> Parser:
     p.add_argument("--instances", type=_instance_counts, default=None, metavar="N[,N...]",
                    help="reconcile sizes (default: 2000,10000; 100 with --quick)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes and a 60 s freshness window; skips the skewed-clock freshness, 100,000-row and "
-                        "replica phases (under 5 minutes; the full bench takes about 30)")
+                   help="small sizes and a 30 s freshness window; skips the skewed-clock freshness, 100,000-row, "
+                        "replica and immediate-stop phases (under 5 minutes; the full bench takes about 35)")
     p.add_argument("--phases", type=_bench_phases, default=(), metavar="NAME[,NAME...]",
                    help="run only these phases: reconcile, service, page, freshness, skew, scale, replicas, crash "
                         "(default: all, or all but the full-only ones with --quick)")
     p.add_argument("--freshness-seconds", type=float, default=None, metavar="S",
-                   help="how long freshness is sampled, once a second (default 180; 60 with --quick)")
+                   help="how long freshness is sampled, once a second (default 180; 30 with --quick)")
     p = _command(sub, "demo", cmd_demo, "throwaway PostgreSQL + pg_cron + simulator + listener, live")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--scan-after", type=float, default=20.0, help="seconds before one instance gets scanned")
