@@ -462,7 +462,7 @@ def build_parser() -> Parser:
                    help="reconcile sizes (default: 2000,10000; 100 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes and a 30 s freshness window; skips the skewed-clock freshness, 100,000-row, "
-                        "replica and immediate-stop phases (under 5 minutes; the full bench takes about 35)")
+                        "replica and immediate-stop phases (about 4 minutes; the full bench takes about 25)")
     p.add_argument("--phases", type=_bench_phases, default=(), metavar="NAME[,NAME...]",
                    help="run only these phases: reconcile, service, page, freshness, skew, scale, replicas, crash "
                         "(default: all, or all but the full-only ones with --quick)")
