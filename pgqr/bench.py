@@ -819,8 +819,7 @@ class Bench:
                      "the polls in flight", 120)
         await d.execute("UPDATE pgqr.schedule SET due_at = now() + interval '1 hour' WHERE due_at IS NOT NULL")
         log_from = int(await d.value("SELECT coalesce(max(id), 0) FROM pgqr.refresh_log"))
-        polls_from = int(await d.value("SELECT coalesce(sum(results), 0) FROM pgqr.refresh_counts "
-                                       "WHERE source = 'poll'"))
+        polls_from = await polls_counted(d)
         # names[i] falls due when the blast sends its webhook: first_due + i / rate. PostgreSQL runs on this
         # machine, so its clock and ours are the same clock.
         first_due = time.time() + COLLISION_LEAD
@@ -847,8 +846,7 @@ class Bench:
             assert row is not None
             new_qr, polls_new_qr = row
             # the log keeps news only: the polls are counted in refresh_counts
-            polls = int(await d.value("SELECT coalesce(sum(results), 0) FROM pgqr.refresh_counts "
-                                      "WHERE source = 'poll'")) - polls_from
+            polls = await polls_counted(d) - polls_from
             # a collision proper: the webhook written after its instance's poll was claimed
             cur = await conn.execute(
                 "SELECT count(*) FROM pgqr.refresh_log w JOIN pgqr.schedule q ON q.key = w.instance_key "
@@ -987,20 +985,22 @@ async def cost_point(d: Db) -> dict[str, float]:
     return dict(zip(("wal", "log_rows", "count_rows", "bytes"), (float(v) for v in row), strict=True))
 
 
+async def polls_counted(d: Db) -> int:
+    """Every poll made so far (pgqr.refresh_counts counts each; the log keeps news only)."""
+    return int(await d.value("SELECT coalesce(sum(results), 0) FROM pgqr.refresh_counts WHERE source = 'poll'"))
+
+
 async def edge_function_minute(d: Db, names: list[str]) -> float:
     """WAL per instance of one run of the Edge Function pgqr replaces: one UPDATE per instance, in a sequential
     loop, writing a new 13 KB QR (random, as a PNG's base64 is to PostgreSQL's compression) whether or not it
     changed. pgqr's trigger does not fire for the QR column."""
+    start = await d.wal_lsn()
     async with await psycopg.AsyncConnection.connect(d.dsn, autocommit=True) as conn:
-        before = await conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
-        start = (await before.fetchone() or (0,))[0]
         for name in names:
             image = "data:image/png;base64," + base64.b64encode(os.urandom(IMAGE_BYTES * 3 // 4)).decode()
             await conn.execute("UPDATE public.evolution_instances SET qr_code = %s WHERE instance_name = %s",
                                (image, name))
-        after = await conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
-        end = (await after.fetchone() or (0,))[0]
-    return float(end - start) / len(names)
+    return float(await d.wal_lsn() - start) / len(names)
 
 
 def main(options: Options, json_path: str | None = None) -> int:

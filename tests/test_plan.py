@@ -18,16 +18,15 @@ def t(seconds: float) -> datetime:
     return AT + timedelta(seconds=seconds)
 
 
-SCHEDULED = {"due_at", "claim_id", "claimed_at", "lease_owner", "lease_expires_at", "recent_polls", "repeats",
-             "consecutive_failures", "last_poll_at", "last_attempt_at", "last_success_at", "qr_alive_at"}
-
-
 def plan(db: Database, state: dict[str, Any], result: dict[str, Any], at: datetime = AT) -> dict[str, Any]:
     """plan_next for the instance 'shop' with its bookkeeping set to `state` (other columns as after a fresh
     start; what schedules the next call lives in pgqr.schedule, the rest in pgqr.instance_state), one result (a
     poll unless it says otherwise) and the database's time `at`."""
-    for table, columns in (("schedule", [c for c in state if c in SCHEDULED]),
-                           ("instance_state", [c for c in state if c not in SCHEDULED])):
+    scheduled = {r["attname"] for r in db.query("SELECT attname FROM pg_attribute "
+                                                "WHERE attrelid = 'pgqr.schedule'::regclass AND attnum > 0 "
+                                                "AND NOT attisdropped")}
+    for table, columns in (("schedule", [c for c in state if c in scheduled]),
+                           ("instance_state", [c for c in state if c not in scheduled])):
         if columns:
             sets = ", ".join(f"{column} = %s" for column in columns)
             db.query(f"UPDATE pgqr.{table} SET {sets} "
