@@ -8,6 +8,7 @@ LISTEN (that is listener.py's own connection).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -203,6 +204,57 @@ async def freshness(pool: Pool) -> Freshness:
 async def find_instances(pool: Pool, name: str) -> list[Instance]:
     rows: list[Instance] = await pool.rows(Instance, "SELECT * FROM pgqr.find_instances(%s)", (name,))
     return rows
+
+
+async def find_many(pool: Pool, names: list[str]) -> dict[str, list[Instance]]:
+    """find_instances for many names in one statement."""
+    rows: list[Instance] = await pool.rows(
+        Instance, "SELECT f.* FROM unnest(%s::text[]) AS u(name), LATERAL pgqr.find_instances(u.name) AS f",
+        (names,))
+    found: dict[str, list[Instance]] = {name: [] for name in names}
+    for row in rows:
+        found[row.name].append(row)
+    return found
+
+
+class InstanceLookup:
+    """find_instances for the webhooks, with a group lookup: while one statement is in the database the names
+    asked for meanwhile gather and go in the next one. At rest a webhook's lookup is one round trip, as
+    before; at 500 webhooks a second many share one, which leaves the database and the event loop the time
+    the webhooks wait for (one round trip each took a third of the sidecar's time in a reconcile, py-spy)."""
+
+    MAX_NAMES = 256
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._asked: dict[str, list[asyncio.Future[list[Instance]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def find(self, name: str) -> list[Instance]:
+        if not storable(name):  # no row can hold it; and it must not fail the lookup it would share
+            return []
+        found: asyncio.Future[list[Instance]] = asyncio.get_running_loop().create_future()
+        self._asked.setdefault(name, []).append(found)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._look_up(), name="instance lookup")
+        return await found
+
+    async def _look_up(self) -> None:
+        while self._asked:
+            names = list(self._asked)[:self.MAX_NAMES]
+            asked = {name: self._asked.pop(name) for name in names}
+            try:
+                found = await find_many(self.pool, names)
+            except Exception as exc:  # each asker gets the error its own lookup would have raised
+                for futures in asked.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                continue
+            for name, futures in asked.items():
+                for future in futures:
+                    if not future.done():
+                        future.set_result(found[name])
 
 
 @dataclass(frozen=True)

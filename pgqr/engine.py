@@ -90,9 +90,12 @@ def to_result(claimed: db.Claimed, reply: Reply) -> db.Result:
     return db.Result(outcome="failed", http_status=outcome.http_status, error_class=outcome.error_class, **common)
 
 
-def bad_reply(result: db.Result) -> db.Result:
+def bad_reply(result: db.Result) -> db.Result | None:
     """What a poll result the database refuses (a value the client should have caught) becomes: that
-    instance's bad_reply, so it backs off like any other bad reply."""
+    instance's bad_reply, so it backs off like any other bad reply. A webhook's is refused (its sender is
+    told, with a 4xx it does not retry)."""
+    if result.source == "webhook":
+        return None
     return db.Result(key=result.key, source=result.source, outcome="failed", error_class="bad_reply",
                      http_status=result.http_status, latency_ms=result.latency_ms, claim_id=result.claim_id)
 
@@ -193,13 +196,13 @@ class Engine:
         return max(await db.lease_seconds(self.pool), self.settings.http_timeout * 2 + 5)
 
     async def drain(self, grace: float) -> None:
-        """Let calls in flight finish within `grace`, cancel the rest, then write back what came in."""
+        """Let calls in flight finish within `grace` and cancel the rest; their results are written back by
+        close(), which the service calls once webhooks stopped arriving too."""
         if self.in_flight:
             _, pending = await asyncio.wait(self.in_flight, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await self.close()
 
     async def close(self) -> None:
         await self.writer.close()

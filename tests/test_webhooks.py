@@ -382,6 +382,20 @@ async def test_an_unknown_instance_is_404_and_writes_no_row_anywhere(env: Env, h
     assert await post(hook_url(hooked), qr_envelope("shop")) == ACCEPTED  # the control
 
 
+async def test_webhooks_posted_together_each_reach_their_own_instance(env: Env, hooked: Service) -> None:
+    """Webhooks that arrive at once share their lookups (one statement for the names asked meanwhile): each
+    still finds its own row, and an unknown name among them is that one webhook's 404."""
+    names = [f"crowd{i}" for i in range(16)]
+    quiet_rows(env, *names)
+    bodies = [qr_envelope(name, f"data:image/png;base64,CROWD-{name}") for name in names]
+    replies = await asyncio.gather(*(post(hook_url(hooked), body) for body in [*bodies, qr_envelope("nobody")]))
+    assert replies[:-1] == [ACCEPTED] * len(names)
+    assert replies[-1][0] == 404
+    assert {name: qr_of(env, name) for name in names} == {name: f"data:image/png;base64,CROWD-{name}"
+                                                          for name in names}
+    assert (await rejections(hooked)).get("unknown_instance") == 1
+
+
 async def test_a_body_that_is_not_json_is_400(env: Env, hooked: Service) -> None:
     quiet_rows(env, "shop")
     for data in (b"not json", b'{"event": "qrcode.updated",', b"\xff\xfe", b"", b'"\\'):
