@@ -170,7 +170,8 @@ async def scale(bench: Bench) -> None:
             probes += [(f"SELECT * FROM pgqr.{v}", f"SELECT * FROM pgqr.{v}") for v in (
                 "instance_health", "freshness", "refresh_stats", "listeners", *views)]
             probes += [("pgqr.check_alerts()", "SELECT * FROM pgqr.check_alerts()"),
-                       ("pgqr.status() (what `pgqr status` reads)", "SELECT pgqr.status()")]
+                       ("pgqr.status(200) (what `pgqr status` reads)", "SELECT pgqr.status(200)"),
+                       ("pgqr.status() (what `pgqr status --json` reads)", "SELECT pgqr.status()")]
             for label, sql in probes:
                 wall, rows = await timed(conn, sql)
                 r.raw[section + " " + label] = {"seconds": wall, "rows": rows}

@@ -10,11 +10,12 @@ from .admin import connect, require_installed
 from .settings import Settings
 
 
-def status(settings: Settings) -> dict[str, Any]:
-    """pgqr.status(): instances (the health view), listeners, jobs, last tick, firing alerts."""
+def status(settings: Settings, limit: int | None = None) -> dict[str, Any]:
+    """pgqr.status(): instances (the health view; at most `limit`, those needing attention first), listeners,
+    jobs, last tick, firing alerts."""
     with connect(settings) as conn:
         require_installed(conn)
-        row = conn.execute("SELECT pgqr.status() || jsonb_build_object('now', now())").fetchone()
+        row = conn.execute("SELECT pgqr.status(%s) || jsonb_build_object('now', now())", (limit,)).fetchone()
     assert row is not None
     doc: dict[str, Any] = row[0]
     return doc

@@ -84,6 +84,23 @@ def test_status_shows_at_most_limit_instances_failing_and_waiting_first_and_coun
     assert all(f"done-{i} " in every for i in range(1, 6)) and "showing" not in every
 
 
+def test_the_database_builds_the_paged_status_document_failing_then_expired_first(migrated: Database) -> None:
+    migrated.query("INSERT INTO public.evolution_instances (instance_name, instance_status) "
+                   "SELECT 'done-' || i, 'connected' FROM generate_series(1, 3) i")
+    add(migrated, "expired")
+    add(migrated, "failing")
+    migrated.query("SELECT pgqr.tick()")
+    migrated.query("UPDATE pgqr.schedule SET consecutive_failures = 2 "
+                   "WHERE key = (SELECT key FROM pgqr.instance_state WHERE name = 'failing')")
+    paged = migrated.value("SELECT pgqr.status(2)")
+    assert [i["instance_name"] for i in paged["instances"]] == ["failing", "expired"]
+    assert (paged["instances_total"], paged["instances_waiting"]) == (5, 2)
+    whole = migrated.value("SELECT pgqr.status()")
+    assert [i["instance_name"] for i in whole["instances"]] == ["done-1", "done-2", "done-3", "expired", "failing"]
+    assert {k: v for k, v in whole.items() if k != "instances"} == {k: v for k, v in paged.items()
+                                                                     if k != "instances"}
+
+
 def test_status_on_a_database_without_pgqr_says_to_migrate(db: Database) -> None:
     result = pgqr(db, "status")
     assert result.returncode == 2
