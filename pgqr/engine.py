@@ -244,10 +244,13 @@ class Engine:
         item = report(claimed, reply, result, recorded)
         with contextlib.suppress(Exception):  # metrics and logs are a courtesy
             self.observe(item)
-            log.info("refreshed %s: %s", claimed.name, item.detail or item.outcome,
-                     extra={"action": "refresh", "instance": claimed.name, "outcome": item.outcome,
-                            "error_class": item.error_class, "http_status": item.http_status,
-                            "latency_ms": item.latency_ms})
+            # news only at INFO, as in pgqr.refresh_log: a poll that found the image pgqr holds is DEBUG (at
+            # 10,000 waiting instances those are hundreds of lines a second, and a tenth of this process's time)
+            log.log(logging.DEBUG if item.outcome == "qr_unchanged" else logging.INFO,
+                    "refreshed %s: %s", claimed.name, item.detail or item.outcome,
+                    extra={"action": "refresh", "instance": claimed.name, "outcome": item.outcome,
+                           "error_class": item.error_class, "http_status": item.http_status,
+                           "latency_ms": item.latency_ms})
         if not outcome.done():
             outcome.set_result(item)
 

@@ -271,8 +271,9 @@ async def _webhook(request: web.Request, deps: Deps) -> web.Response:
         raise Refused(422, "app_refused", "the app's table refused this write")
     if rec.reason == "repeat":
         deps.metrics.webhook_repeats.inc()  # the state pgqr already holds: nothing written
-    log.info("webhook %s for %s", event_name, event.name,
-             extra={"action": "webhook", "event": event_name, "instance": event.name, "written": rec.written})
+    # a repeat of the state pgqr holds is not news (Evolution sends connection.update storms): DEBUG
+    log.log(logging.DEBUG if rec.reason == "repeat" else logging.INFO, "webhook %s for %s", event_name, event.name,
+            extra={"action": "webhook", "event": event_name, "instance": event.name, "written": rec.written})
     return web.json_response({"recorded": rec.written, "qr_updated": rec.qr_updated})
 
 

@@ -29,6 +29,7 @@ log = logging.getLogger("pgqr.writeback")
 
 BATCH = 64          # results per record_results call at most
 RETRY_DELAY = 0.05  # a busy result is handed in again this much later (the holder's write takes milliseconds)
+HOOK_RETRY_DELAY = 0.005  # a busy webhook's first retry (then doubling up to RETRY_DELAY)
 ERROR_DELAY = 0.5   # after the database failed a batch
 HOOK_BATCHES = 2   # webhook batches in the database at once (two backends: a slow one does not hold the rest)
 WEBHOOK_PATIENCE = 2.0  # a webhook waits for a busy row at most this long (well under Evolution's timeout)
@@ -43,6 +44,7 @@ class _Item:
     result: db.Result
     done: asyncio.Future[db.Recorded | None]
     deadline: float  # event-loop time after which a busy result is handed in one last time
+    busy_tries: int = 0  # times the database reported it busy
 
     @property
     def urgent(self) -> bool:
@@ -234,7 +236,15 @@ class ResultWriter:
                 # no row: a webhook repeating the state pgqr already holds, dropped before anything was written
                 item.done.set_result(row or db.Recorded(item.result.key, False, False, False, False,
                                                         item.result.outcome, "repeat"))
-        self._later(busy, RETRY_DELAY, give_up=lambda item: self._last_try(item, by_key[item.result.key]))
+        polls = [item for item in busy if not item.urgent]
+        self._later(polls, RETRY_DELAY, give_up=lambda item: self._last_try(item, by_key[item.result.key]))
+        # a webhook sooner, its sender waits: what it met is mostly a claim, which takes a millisecond; each try
+        # after that waits twice as long, up to a poll's delay, so a row the app holds is not asked 400 times
+        for item in busy:
+            if item.urgent:
+                item.busy_tries += 1
+                self._later([item], min(HOOK_RETRY_DELAY * 2 ** (item.busy_tries - 1), RETRY_DELAY),
+                            give_up=lambda item: self._last_try(item, by_key[item.result.key]))
 
     async def _bisect(self, batch: list[_Item], exc: psycopg.DataError) -> None:
         """One row the database refuses must not cost the others: halve until it is found."""
