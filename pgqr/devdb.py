@@ -120,8 +120,9 @@ def preload_libraries(bindir: Path, *, cron: bool) -> list[str]:
     return libs
 
 
-def create(*, cron_database: str | None = "postgres", port: int | None = None) -> DevServer:
-    """initdb and start a server. cron_database=None leaves pg_cron out of shared_preload_libraries."""
+def create(*, cron_database: str | None = "postgres", port: int | None = None, logical: bool = False) -> DevServer:
+    """initdb and start a server. cron_database=None leaves pg_cron out of shared_preload_libraries; logical=True
+    sets wal_level = logical, for replication slots that decode changes (as Supabase Realtime reads them)."""
     bindir = find_bindir()
     run_as = _service_account()
     base = Path(tempfile.mkdtemp(prefix="pgqr-pg-"))
@@ -145,6 +146,8 @@ def create(*, cron_database: str | None = "postgres", port: int | None = None) -
             "full_page_writes": "off",
             "log_min_messages": "warning",
         }
+        if logical:
+            settings["wal_level"] = "logical"
         preload = preload_libraries(bindir, cron=cron_database is not None)
         if preload:
             settings["shared_preload_libraries"] = f"'{','.join(preload)}'"
@@ -169,8 +172,9 @@ def destroy(server: DevServer) -> None:
 
 
 @contextmanager
-def running(*, cron_database: str | None = "postgres", port: int | None = None) -> Iterator[DevServer]:
-    server = create(cron_database=cron_database, port=port)
+def running(*, cron_database: str | None = "postgres", port: int | None = None,
+            logical: bool = False) -> Iterator[DevServer]:
+    server = create(cron_database=cron_database, port=port, logical=logical)
     try:
         yield server
     finally:
