@@ -13,7 +13,7 @@ RUN groupadd --system --gid 10001 pgqr \
 
 # The package only: no tests, no extras (the simulator's dependencies stay out of the image).
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY pgqr ./pgqr
 COPY sql ./sql
 RUN PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore pip install --no-cache-dir . \

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PG_LIB := /usr/lib/postgresql/15/lib
 
-.PHONY: test demo bench lint system venv clean image-test
+.PHONY: test demo bench lint system venv clean image-test wheel-check
 
 # two workers, each with its own throwaway PostgreSQL (most tests wait on real processes and timers, not the CPU)
 test: system venv
@@ -22,6 +22,12 @@ bench: system venv
 # names, as root (it builds the base images locally; .ci/run does this).
 image-test:
 	deploy/image-test.sh
+
+# Build the sdist and the wheel (python -m build), twine check --strict them, install the wheel into a fresh
+# virtualenv outside the repository and run pgqr --version, migrate and migrate --verify against a throwaway
+# PostgreSQL with pg_cron (deploy/wheel-check.sh; everything lives in a temporary folder, removed on exit).
+wheel-check: system venv
+	PYTHON=$(PYTHON) TOOLS=$(abspath $(BIN)) deploy/wheel-check.sh
 
 lint: venv
 	$(BIN)/ruff check pgqr tests

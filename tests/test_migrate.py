@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import psycopg
@@ -191,26 +190,6 @@ def test_missing_or_invalid_database_url_is_one_line_and_exit_2(env: dict[str, s
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
-
-
-def test_the_wheel_ships_the_migrations_and_migrates_without_the_repository(db: Database, tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(root)],
-        check=True, capture_output=True,
-    )
-    wheel = next(tmp_path.glob("pgqr-*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
-    assert {f"pgqr/sql/{m.name}" for m in migrations.load()} <= set(names)
-    site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
-    result = subprocess.run(
-        [sys.executable, "-m", "pgqr", "migrate"], cwd=tmp_path, env={"DATABASE_URL": db.dsn, "PYTHONPATH": str(site)},
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    assert db.value("SELECT count(*) FROM pgqr.migrations") == len(VERSIONS)
 
 
 def test_roles_without_privileges_get_one_line_saying_what_to_grant(db: Database) -> None:
