@@ -133,6 +133,16 @@ def run_pgqr(*args: str, env: dict[str, str] | None = None, timeout: float = 60)
     )
 
 
+def end_process(process: subprocess.Popen[bytes], grace: float = 10) -> None:
+    """SIGTERM a child started with subprocess.Popen; SIGKILL it when it has not exited `grace` seconds later."""
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def mark_qr(db: Database, name: str, expires_in: str) -> None:
     """pgqr's bookkeeping for `name` as after a new QR whose estimated expiry is `expires_in` from now
     ('-6 minutes': it stopped working 6 minutes ago), made one QR lifetime before that expiry."""

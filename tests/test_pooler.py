@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
-from conftest import Database, command_env, run_pgqr
+from conftest import Database, command_env, end_process, run_pgqr
 from psycopg.conninfo import make_conninfo
 from service_fixtures import Env, log_records, running_service, start_pgqr, wait_until
 
@@ -102,12 +102,7 @@ logfile = {base}/pgbouncer.log
             time.sleep(0.05)
         yield pooler
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process)
         shutil.rmtree(base, ignore_errors=True)
 
 
