@@ -36,26 +36,33 @@ lint: venv
 
 # PostgreSQL 15 + pg_cron 1.4 from Debian (the unprivileged `postgres` account comes with it), Debian's chromium
 # for the live page's browser tests (Playwright drives it; `playwright install` is never run), pgbouncer for
-# tests/test_pooler.py and faketime for the clock tests. Only what is missing is installed, after a line naming it.
-# No service is touched: Debian starts its packaged pgbouncer on port 6432 when it installs it, and that one is
-# left as it is (the tests start their own pgbouncer on a free port). Each package is known by one file; give
-# MISSING="pkg ..." on the command line to see what an install would run (make -n system MISSING=pgbouncer).
+# tests/test_pooler.py, faketime for the clock tests and prometheus (promtool and the server) for
+# tests/test_prometheus.py. Only what is missing is installed, after a line naming it, and without the packages
+# they merely recommend (prometheus's would add node and IPMI exporters, each a service of its own).
+# No service is touched: Debian starts its packaged pgbouncer on port 6432 and prometheus on port 9090 when it
+# installs them, and those are left as they are (the tests start their own on free ports). Each package is known
+# by one file; give MISSING="pkg ..." on the command line to see what an install would run
+# (make -n system MISSING=pgbouncer).
 INITDB    = /usr/lib/postgresql/15/bin/initdb
 PG_CRON   = $(PG_LIB)/pg_cron.so
 PGBOUNCER = /usr/sbin/pgbouncer
 CHROMIUM  = /usr/bin/chromium
 FAKETIME  = /usr/bin/faketime
+PROMTOOL  = /usr/bin/promtool
 MISSING  := $(strip $(shell [ -x $(INITDB) ] || echo postgresql-15; [ -f $(PG_CRON) ] || echo postgresql-15-cron; \
               [ -x $(PGBOUNCER) ] || echo pgbouncer; [ -x $(CHROMIUM) ] || echo chromium; \
-              [ -x $(FAKETIME) ] || echo faketime; $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || echo python3-venv))
+              [ -x $(FAKETIME) ] || echo faketime; [ -x $(PROMTOOL) ] || echo prometheus; \
+              $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || echo python3-venv))
 
 system:
 ifneq ($(MISSING),)
 	@echo "make system: installing the missing Debian packages: $(MISSING)"
 	$(if $(filter pgbouncer,$(MISSING)),@echo "make system: Debian's pgbouncer starts on port 6432 and is left running \
 	  (the tests start their own on a free port)")
+	$(if $(filter prometheus,$(MISSING)),@echo "make system: Debian's prometheus starts on port 9090 and is left \
+	  running (the tests start their own on a free port)")
 	$(SUDO) apt-get update -qq
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(MISSING)
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(MISSING)
 endif
 
 venv: $(VENV)/.installed

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-EVERYTHING = ["postgresql-15", "postgresql-15-cron", "pgbouncer", "chromium", "faketime", "python3-venv"]
+EVERYTHING = ["postgresql-15", "postgresql-15-cron", "pgbouncer", "chromium", "faketime", "prometheus",
+              "python3-venv"]
 # a command that starts, stops, enables, disables or reconfigures a system service
 SERVICE_COMMAND = re.compile(r"(?<![\w.-])(service|systemctl|update-rc\.d|invoke-rc\.d)(?![\w.-])")
 # what `make system` ran before issue 20, as a control that the check finds service commands in make's output
@@ -69,13 +70,16 @@ def test_an_install_of_everything_runs_no_service_command() -> None:
 
 
 def test_the_packages_are_named_before_anything_is_installed() -> None:
-    lines = make_n("system", "MISSING=pgbouncer chromium")
-    said = next(i for i, line in enumerate(lines) if "installing the missing Debian packages: pgbouncer chromium"
-                in line)
+    lines = make_n("system", "MISSING=pgbouncer chromium prometheus")
+    said = next(i for i, line in enumerate(lines) if "installing the missing Debian packages: pgbouncer chromium "
+                "prometheus" in line)
     first_apt = next(i for i, line in enumerate(lines) if "apt-get" in line)
     assert said < first_apt
     assert any("6432" in line and "left running" in line for line in lines[:first_apt])
-    assert installs(lines) == ["pgbouncer", "chromium"]
+    assert any("prometheus starts on port 9090" in line and "left running" in line for line in lines[:first_apt])
+    assert installs(lines) == ["pgbouncer", "chromium", "prometheus"]
+    # only what is named: prometheus alone recommends node and IPMI exporters, services of their own
+    assert "--no-install-recommends" in next(line for line in lines if "apt-get install" in line)
 
 
 @pytest.fixture
@@ -89,7 +93,8 @@ def present(tmp_path: Path) -> Path:
 
 def test_only_the_missing_packages_are_installed(present: Path, tmp_path: Path) -> None:
     absent = tmp_path / "absent"
-    files = {"INITDB": present, "PG_CRON": present, "PGBOUNCER": absent, "CHROMIUM": present, "FAKETIME": absent}
+    files = {"INITDB": present, "PG_CRON": present, "PGBOUNCER": absent, "CHROMIUM": present, "FAKETIME": absent,
+             "PROMTOOL": present}
     some = make_n("system", *(f"{name}={path}" for name, path in files.items()), "PYTHON=true")
     assert installs(some) == ["pgbouncer", "faketime"]
     assert any("installing the missing Debian packages: pgbouncer faketime" in line for line in some)
@@ -99,7 +104,7 @@ def test_only_the_missing_packages_are_installed(present: Path, tmp_path: Path) 
 
 
 def test_nothing_is_installed_or_said_when_nothing_is_missing(present: Path) -> None:
-    files = [f"{name}={present}" for name in ("INITDB", "PG_CRON", "PGBOUNCER", "CHROMIUM", "FAKETIME")]
+    files = [f"{name}={present}" for name in ("INITDB", "PG_CRON", "PGBOUNCER", "CHROMIUM", "FAKETIME", "PROMTOOL")]
     assert installs(make_n("system", *files, "PYTHON=false")) == ["python3-venv"]  # the positive control
     lines = make_n("system", *files, "PYTHON=true")
     assert not [line for line in lines if "apt-get" in line or "installing" in line], lines
