@@ -224,19 +224,22 @@ class InstanceLookup:
     the webhooks wait for (one round trip each took a third of the sidecar's time in a reconcile, py-spy)."""
 
     MAX_NAMES = 256
+    WIDTH = 2  # lookups in the database at once: a slow one does not hold up the names asked after it
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self._asked: dict[str, list[asyncio.Future[list[Instance]]]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def find(self, name: str) -> list[Instance]:
         if not storable(name):  # no row can hold it; and it must not fail the lookup it would share
             return []
         found: asyncio.Future[list[Instance]] = asyncio.get_running_loop().create_future()
         self._asked.setdefault(name, []).append(found)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._look_up(), name="instance lookup")
+        if len(self._tasks) < self.WIDTH:
+            task = asyncio.create_task(self._look_up(), name="instance lookup")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await found
 
     async def _look_up(self) -> None:

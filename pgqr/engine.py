@@ -154,6 +154,8 @@ class Engine:
         while not stopping():
             wake.clear()
             free = self.settings.concurrency - len(self.in_flight)
+            if free > 0:
+                await self.writer.webhooks_first()  # a webhook's QR is the freshest: its write goes first
             claimed = await db.claim(self.pool, self.owner, free, self._lease_seconds) if free > 0 else []
             for c in claimed:
                 self._start(c)

@@ -207,6 +207,11 @@ class ResultWriter:
         if not self._hooks.queue and not self._hooks.writing:
             self._hooks_idle.set()
 
+    async def webhooks_first(self) -> None:
+        """For whoever makes more polls (the engine's claims): wait while webhooks are being written, as poll
+        batches do."""
+        await self._give_way()
+
     async def _give_way(self) -> None:
         """Before a batch of polls: while webhooks are being written, wait for them, as long as the last poll
         batch took at most, so polls keep at most about half the database's time and never starve."""
