@@ -64,25 +64,34 @@ async def statements_time(d: Db) -> dict[str, Any]:
     mine = ("FROM pg_stat_statements s JOIN pg_database db ON db.oid = s.dbid "
             "WHERE db.datname = current_database() AND s.query NOT ILIKE '%pg_stat_statements%'")
     async with await d.connect() as conn:
+        # the app table's own UPDATEs (pgqr's write of the image into the app's row) are told apart: what any
+        # writer of a current 13 KB QR pays there is not pgqr's overhead
         row = await (await conn.execute(
             f"SELECT coalesce(sum(total_exec_time) FILTER (WHERE toplevel), 0), "
-            f"coalesce(sum(calls) FILTER (WHERE toplevel), 0) {mine}".encode())).fetchone()
+            f"coalesce(sum(calls) FILTER (WHERE toplevel), 0), "
+            f"coalesce(sum(total_exec_time) FILTER (WHERE NOT toplevel AND s.query LIKE "
+            f"'UPDATE public.evolution_instances %'), 0) {mine}".encode())).fetchone()
         top = await (await conn.execute(
             f"SELECT toplevel, calls, round(total_exec_time::numeric, 1)::float8, "
             f"left(regexp_replace(query, '\\s+', ' ', 'g'), 160) {mine} "
             "ORDER BY total_exec_time DESC LIMIT 12".encode())).fetchall()
     assert row is not None
-    return {"total_ms": float(row[0]), "statements": int(row[1]),
+    return {"total_ms": float(row[0]), "statements": int(row[1]), "app_update_ms": float(row[2]),
             "slowest": [{"toplevel": t, "calls": c, "total_ms": ms_, "query": q} for t, c, ms_, q in top]}
 
 
-def add_db_time(bench: Bench, section: str, label: str, spent: dict[str, Any], polls: int, n: int) -> None:
+def add_db_time(bench: Bench, section: str, label: str, spent: dict[str, Any], polls: int, n: int,
+                target: bool) -> None:
+    """`target`: whether the 0.25 ms target applies. It is the unchanged poll's (the steady cost issue 19 set
+    it for); a poll that brings a new QR also writes the 13 KB image into the app's row, shown apart."""
     per = spent["total_ms"] / polls if polls else float("nan")
+    app = spent["app_update_ms"] / polls if polls else float("nan")
     bench.report.raw[f"{section} {label} pg_stat_statements"] = {**spent, "polls": polls}
+    value = f"{per:.3f} ms" + (f" ({app:.3f} ms of it the app table's UPDATE of the image)" if app >= 0.0005 else "")
+    wanted = target and n >= 10_000
     bench.report.add(section, f"{label}: database time per poll (pg_stat_statements, top-level statements' "
                      f"execution time / polls; {spent['statements']:,} statements)",
-                     f"{per:.3f} ms", "<= 0.25 ms at 10,000" if n >= 10_000 else "",
-                     per <= 0.25 if n >= 10_000 else None)
+                     value, "<= 0.25 ms at 10,000" if wanted else "", per <= 0.25 if wanted else None)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
