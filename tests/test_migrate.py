@@ -161,6 +161,24 @@ def test_verify_reports_a_missing_object_a_changed_file_and_a_missing_cron_job(m
     assert f"missing cron job: pgqr-tick@{migrated.name}" in lines
 
 
+def test_no_migration_file_changes_once_recorded() -> None:
+    """Each file in sql/ is the one recorded in tests/golden/migrations.sha256: an applied file is never edited
+    (a change is a new numbered file, whose line is added to the record)."""
+    recorded = dict(line.split()[::-1] for line in
+                    (Path(__file__).parent / "golden" / "migrations.sha256").read_text().splitlines())
+    assert {m.name: m.checksum for m in migrations.load()} == recorded
+
+
+def test_a_database_that_applied_the_first_0002_verifies_and_any_other_checksum_does_not(
+        migrated: Database) -> None:
+    [first] = migrations.SUPERSEDED[2]
+    migrated.query("UPDATE pgqr.migrations SET checksum = %s WHERE version = 2", (first,))
+    assert run_pgqr("migrate", "--verify", env={"DATABASE_URL": migrated.dsn}).returncode == 0
+    migrated.query("UPDATE pgqr.migrations SET checksum = %s WHERE version = 2", ("0" * 64,))
+    result = run_pgqr("migrate", "--verify", env={"DATABASE_URL": migrated.dsn})
+    assert result.returncode == 1 and "changed since applied: 0002_state.sql" in result.stdout.splitlines()
+
+
 def test_a_database_newer_than_the_code_is_refused(migrated: Database) -> None:
     migrated.query("INSERT INTO pgqr.migrations (version, name, checksum) VALUES (9999, '9999_future.sql', 'x')")
     result = run_pgqr("migrate", env={"DATABASE_URL": migrated.dsn})
