@@ -201,13 +201,8 @@ async def freshness(pool: Pool) -> Freshness:
     return rows[0]
 
 
-async def find_instances(pool: Pool, name: str) -> list[Instance]:
-    rows: list[Instance] = await pool.rows(Instance, "SELECT * FROM pgqr.find_instances(%s)", (name,))
-    return rows
-
-
 async def find_many(pool: Pool, names: list[str]) -> dict[str, list[Instance]]:
-    """find_instances for many names in one statement."""
+    """pgqr.find_instances for many names in one statement."""
     rows: list[Instance] = await pool.rows(
         Instance, "SELECT f.* FROM unnest(%s::text[]) AS u(name), LATERAL pgqr.find_instances(u.name) AS f",
         (names,))

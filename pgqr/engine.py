@@ -154,9 +154,10 @@ class Engine:
         while not stopping():
             wake.clear()
             free = self.settings.concurrency - len(self.in_flight)
+            claimed: list[db.Claimed] = []
             if free > 0:
                 await self.writer.webhooks_first()  # a webhook's QR is the freshest: its write goes first
-            claimed = await db.claim(self.pool, self.owner, free, self._lease_seconds) if free > 0 else []
+                claimed = await db.claim(self.pool, self.owner, free, self._lease_seconds)
             for c in claimed:
                 self._start(c)
             if free > 0 and len(claimed) == free:

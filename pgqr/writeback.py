@@ -51,6 +51,15 @@ class _Item:
         """A webhook: someone waits for its answer (Evolution, with a timeout), so it goes first."""
         return self.result.source == "webhook"
 
+    @property
+    def busy_delay(self) -> float:
+        """How long after the database reported it busy it is handed in again. A webhook sooner, its sender
+        waits: what it met is mostly a claim, which takes a millisecond; each try after that waits twice as
+        long, up to a poll's delay, so a row the app holds is not asked 400 times."""
+        if not self.urgent:
+            return RETRY_DELAY
+        return min(HOOK_RETRY_DELAY * 2.0 ** (self.busy_tries - 1), RETRY_DELAY)
+
 
 class _Lane:
     """One queue of the writer and the task that writes it, `width` batches at a time."""
@@ -150,7 +159,7 @@ class ResultWriter:
                 if lane.writing >= lane.width:
                     break  # woken when one of the lane's batches ends
                 if not urgent:
-                    await self._give_way()
+                    await self.webhooks_first()
                 batch = self._take(lane)
                 if not batch:
                     break  # every key queued is in a batch in the database: woken when that one ends
@@ -208,13 +217,9 @@ class ResultWriter:
             self._hooks_idle.set()
 
     async def webhooks_first(self) -> None:
-        """For whoever makes more polls (the engine's claims): wait while webhooks are being written, as poll
-        batches do."""
-        await self._give_way()
-
-    async def _give_way(self) -> None:
-        """Before a batch of polls: while webhooks are being written, wait for them, as long as the last poll
-        batch took at most, so polls keep at most about half the database's time and never starve."""
+        """Before a batch of polls, and before the engine claims more: while webhooks are being written, wait
+        for them, as long as the last poll batch took at most, so polls keep at most about half the database's
+        time and never starve."""
         if self._hooks_idle.is_set():
             return
         with contextlib.suppress(TimeoutError):
@@ -241,15 +246,12 @@ class ResultWriter:
                 # no row: a webhook repeating the state pgqr already holds, dropped before anything was written
                 item.done.set_result(row or db.Recorded(item.result.key, False, False, False, False,
                                                         item.result.outcome, "repeat"))
-        polls = [item for item in busy if not item.urgent]
-        self._later(polls, RETRY_DELAY, give_up=lambda item: self._last_try(item, by_key[item.result.key]))
-        # a webhook sooner, its sender waits: what it met is mostly a claim, which takes a millisecond; each try
-        # after that waits twice as long, up to a poll's delay, so a row the app holds is not asked 400 times
+        retries: dict[float, list[_Item]] = {}
         for item in busy:
-            if item.urgent:
-                item.busy_tries += 1
-                self._later([item], min(HOOK_RETRY_DELAY * 2 ** (item.busy_tries - 1), RETRY_DELAY),
-                            give_up=lambda item: self._last_try(item, by_key[item.result.key]))
+            item.busy_tries += 1
+            retries.setdefault(item.busy_delay, []).append(item)
+        for delay, items in retries.items():
+            self._later(items, delay, give_up=lambda item: self._last_try(item, by_key[item.result.key]))
 
     async def _bisect(self, batch: list[_Item], exc: psycopg.DataError) -> None:
         """One row the database refuses must not cost the others: halve until it is found."""
