@@ -86,6 +86,7 @@ class Claimed:
     qr_md5: str | None
     claimed_at: datetime    # the database's clock: the call's start, as every comparison takes it
     claim_id: int           # the fence: the result of this call writes only while this is the instance's claim
+    guarded: bool = False   # read connectionState first: no status column, so a connect must not reopen a closed one
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Result:
     latency_ms: float | None = None
     error_class: str | None = None
     evolution_state: str | None = None
+    evolution_reason: str | None = None  # why that state: logged_out, deleted, qr_limit, a statusReason
     final: bool = False  # the last hand-in of a result kept busy: logged as not written instead of busy again
     claim_id: int | None = None  # a poll's claim (Claimed.claim_id); a webhook holds none
 
@@ -172,6 +174,65 @@ async def record_results(pool: Pool, owner: str, results: list[Result]) -> list[
     rows: list[Recorded] = await pool.rows(
         Recorded, "SELECT * FROM pgqr.record_results(%s, %s::jsonb)", (owner, payload))
     return rows
+
+
+StateName = Literal["open", "connecting", "close", "not_found"]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What Evolution says of one bound row, for pgqr.observe. `checked`: read from Evolution's memory
+    (connectionState), not its database column (fetchInstances) or a webhook."""
+
+    key: str
+    state: StateName
+    source: Literal["sweep", "webhook", "poll"] = "sweep"
+    checked: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound row as the sweep and the drop confirmations call Evolution for it (the token is for the apikey
+    header only)."""
+
+    key: str
+    name: str
+    token: str | None = field(repr=False)
+    url: str | None = field(repr=False)
+    evolution_state: str | None = None
+
+
+async def observe(pool: Pool, owner: str, observations: list[Observation]) -> list[str]:
+    """Record Evolution's word on these rows; returns the keys another writer held (hand them in again)."""
+    if not observations:
+        return []
+    payload = json.dumps([asdict(o) for o in observations])
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT k FROM pgqr.observe(%s, %s::jsonb) k", (owner, payload))
+        return [str(row[0]) for row in await cur.fetchall()]
+
+
+async def sweep_rows(pool: Pool) -> list[Target]:
+    rows: list[Target] = await pool.rows(Target, "SELECT * FROM pgqr.sweep_rows()")
+    return rows
+
+
+async def drops_to_confirm(pool: Pool, limit: int = 100) -> list[Target]:
+    rows: list[Target] = await pool.rows(
+        Target, "SELECT *, NULL::text AS evolution_state FROM pgqr.drops_to_confirm(%s)", (limit,))
+    return rows
+
+
+async def dropped(pool: Pool) -> int:
+    """Connected instances that dropped within the connections_dropped alert's window (what that rule counts)."""
+    return int(await pool.value(
+        "SELECT count(*) FROM pgqr.instance_state "
+        "WHERE dropped_at >= now() - pgqr.setting('alert_dropped_window')::interval") or 0)
+
+
+async def sweep_seconds(pool: Pool) -> float:
+    return float(await pool.value("SELECT pgqr.setting('sweep_seconds')::float8") or 300.0)
 
 
 async def next_due_in(pool: Pool) -> float | None:
@@ -278,7 +339,9 @@ async def page_states(pool: Pool, keys: list[str]) -> list[PageState]:
     pgqr's own copy when the binding has none)."""
     rows: list[PageState] = await pool.rows(PageState, """
         SELECT a.key, a.name, a.status, coalesce(a.waiting, false) AS waiting,
-               coalesce(a.status = b.connected_value, false) AS connected,
+               -- without a status column, Evolution's word
+               coalesce(CASE WHEN b.status_column IS NULL THEN s.evolution_state = 'open'
+                             ELSE a.status = b.connected_value END, false) AS connected,
                coalesce(a.qr, s.qr) AS qr, coalesce(a.pairing_code, s.pairing_code) AS pairing_code,
                a.phone IS NOT NULL AND a.phone <> '' AS has_phone,
                greatest(s.qr_expires_at, q.qr_alive_at) AS qr_expires_at,  -- as narrowed by polls (0010)

@@ -61,6 +61,7 @@ def doctor(settings: Settings) -> list[Check]:
         if installed:
             guarded("binding", lambda: _check_binding(conn, checks))
             guarded("names", lambda: _check_names(conn, settings, checks))
+            guarded("servers", lambda: _check_servers(conn, checks))
             guarded("listener", lambda: _check_listener(conn, checks))
         guarded("listen", lambda: _check_listen(conn if installed else None, settings, checks))
         if installed:
@@ -205,6 +206,18 @@ def _check_names(conn: Conn, settings: Settings, checks: list[Check]) -> None:
     more = " and more" if len(rows) > 5 else ""
     checks.append(Check("names", False, f"rows share an instance name on one Evolution server: {shown}{more}",
                         "give each row its own instance name, or its own server in the URL column"))
+
+
+def _check_servers(conn: Conn, checks: list[Check]) -> None:
+    """A server on which every bound row is not found (the sweep and polls say so) has a wrong base URL or is
+    another Evolution: one problem, not as many deleted instances (pgqr.missing_servers)."""
+    rows = conn.execute("SELECT server, instances FROM pgqr.missing_servers()").fetchall()
+    if not rows:
+        checks.append(Check("servers", True, "every Evolution server knows at least one of its bound instances"))
+        return
+    shown = ", ".join(f"{server} ({count} rows)" for server, count in rows)
+    checks.append(Check("servers", False, f"no bound instance is known to {shown}",
+                        "check EVOLUTION_API_URL or the rows' URL column: it names another Evolution server"))
 
 
 def _clip(text: str, width: int = 60) -> str:

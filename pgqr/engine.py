@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -70,11 +71,22 @@ class Summary:
         }
 
 
-def to_result(claimed: db.Claimed, reply: Reply) -> db.Result:
+@dataclass(frozen=True)
+class Closed:
+    """A guarded poll's connectionState said `close`: no connect was made (it would open a WhatsApp socket the
+    app did not ask for)."""
+
+    http_status: int
+    latency_ms: float
+
+
+def to_result(claimed: db.Claimed, reply: Reply | Closed) -> db.Result:
     """Map a client outcome to the write path's record: the claim's number, never a timestamp of this host's
     (the database dates the call by its claim)."""
     common: dict[str, Any] = {"key": claimed.key, "source": "poll", "latency_ms": round(reply.latency_ms, 2),
                               "claim_id": claimed.claim_id}
+    if isinstance(reply, Closed):
+        return db.Result(outcome="closed", http_status=reply.http_status, evolution_state="close", **common)
     outcome = reply.outcome
     if isinstance(outcome, QrCode):
         if not db.storable(outcome.base64, outcome.pairing_code):
@@ -108,9 +120,10 @@ NOT_WRITTEN = {
 }
 
 
-def report(claimed: db.Claimed, reply: Reply, result: db.Result, recorded: db.Recorded | None) -> InstanceResult:
+def report(claimed: db.Claimed, reply: Reply | Closed, result: db.Result,
+           recorded: db.Recorded | None) -> InstanceResult:
     outcome: str = result.outcome
-    detail = reply.outcome.detail if isinstance(reply.outcome, Failure) else None
+    detail = reply.outcome.detail if isinstance(reply, Reply) and isinstance(reply.outcome, Failure) else None
     if recorded is not None and recorded.outcome == "app_refused":
         outcome, detail = "app_refused", f"the app's table refused the write ({recorded.reason})"
     elif recorded is None or not recorded.written:
@@ -240,7 +253,7 @@ class Engine:
         done = await self.writer.put(result)
         done.add_done_callback(lambda f: self._finish(claimed, reply, result, f, outcome))
 
-    def _finish(self, claimed: db.Claimed, reply: Reply, result: db.Result,
+    def _finish(self, claimed: db.Claimed, reply: Reply | Closed, result: db.Result,
                 done: asyncio.Future[db.Recorded | None], outcome: asyncio.Future[InstanceResult]) -> None:
         recorded = None if done.cancelled() or done.exception() else done.result()
         self._flushed.set()
@@ -257,7 +270,7 @@ class Engine:
         if not outcome.done():
             outcome.set_result(item)
 
-    async def _call(self, claimed: db.Claimed) -> Reply:
+    async def _call(self, claimed: db.Claimed) -> Reply | Closed:
         base = claimed.url or self.settings.default_evolution_url
         key = claimed.token or reveal(self.settings.evolution_api_key)
         # an instance we cannot even call: name the missing setting (never a value)
@@ -266,6 +279,19 @@ class Engine:
         if not key:
             return Reply(Failure("config", True, None, "no token on the row and EVOLUTION_API_KEY unset"), 0.0)
         try:
+            if claimed.guarded:
+                started = time.monotonic()
+                state = await self.client.connection_state(base, claimed.name, key)
+                latency = (time.monotonic() - started) * 1000
+                if isinstance(state, Failure):
+                    return Reply(state, latency)
+                if state.state is None:  # not loaded yet: unknown, so neither connect nor close
+                    return Reply(Failure("not_loaded", True, state.http_status,
+                                         "Evolution has not loaded the instance yet"), latency)
+                if state.state == "open":
+                    return Reply(Connected(state.http_status), latency)
+                if state.state == "close":
+                    return Closed(state.http_status, latency)
             return await self.client.connect(base, claimed.name, key, number=claimed.phone)
         except Exception:
             # the client returns every reply class as a value; anything else is a bug, and it must cost this

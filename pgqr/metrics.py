@@ -32,5 +32,10 @@ class Metrics:
         self.oldest_expired = Gauge("pgqr_qr_oldest_expired_seconds",
                                     "How long ago the oldest expired QR of a waiting instance expired.", registry=r)
 
+        self.sweep_calls = Counter("pgqr_sweep_calls", "Evolution calls made by the state sweep, by route.",
+                                   ["call"], registry=r)
+        self.dropped = Gauge("pgqr_dropped_instances", "Connected instances that dropped in the alert window and "
+                             "have not connected again (all replicas).", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

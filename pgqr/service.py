@@ -27,6 +27,7 @@ from .evolution import EvolutionClient
 from .listener import Listener
 from .metrics import Metrics
 from .settings import Settings, describe, reveal
+from .sweep import Sweep
 
 log = logging.getLogger("pgqr.service")
 
@@ -53,6 +54,7 @@ class Service:
         self.client = EvolutionClient(timeout=settings.http_timeout, max_reply_bytes=settings.max_reply_bytes,
                                       concurrency=settings.concurrency)
         self.engine = Engine(settings, self.pool, self.client, self.owner, observe=self._observe)
+        self.sweep = Sweep(settings, self.pool, self.client, self.owner, self.metrics)
         # webhooks share the engine's writer, in a lane of their own (never queued behind polls, which give way
         # to them); one that meets a write of the same instance waits for it, up to 2 s
         self.lookup = db.InstanceLookup(self.pool)
@@ -171,6 +173,7 @@ class Service:
                 self.metrics.waiting.set(f.waiting)
                 self.metrics.qr_valid.set(f.qr_valid)
                 self.metrics.oldest_expired.set(f.oldest_expired_seconds)
+                self.metrics.dropped.set(await db.dropped(self.pool))
             self.metrics.in_flight.set(len(self.engine.in_flight))
             await asyncio.sleep(GAUGE_SECONDS)
 
@@ -194,7 +197,8 @@ class Service:
             await self.alerts.start()
         loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [
             ("listen", self.listener.run_forever), ("heartbeat", self.heartbeat_forever),
-            ("gauges", self.gauges_forever), ("degraded", self.poll_while_degraded)]
+            ("gauges", self.gauges_forever), ("degraded", self.poll_while_degraded),
+            ("sweep", self.sweep.run_forever), ("drops", self.sweep.confirm_forever)]
         if self.page is not None:
             loops.append(("page", self.page.run_forever))
         background = [asyncio.create_task(fn(), name=name) for name, fn in loops]

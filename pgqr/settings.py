@@ -243,13 +243,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("key_column", "PGQR_KEY_COLUMN", column, None, "a unique NOT NULL key column", BINDING,
            default_doc="the single-column primary key"),
     Option("name_column", "PGQR_NAME_COLUMN", text, "instance_name", "the Evolution instance name", BINDING),
-    Option("status_column", "PGQR_STATUS_COLUMN", text, "instance_status", "the app's status column", BINDING),
+    Option("status_column", "PGQR_STATUS_COLUMN", column, "instance_status",
+           "the app's status column; none: the table has none, and Evolution's state decides which rows wait",
+           BINDING),
     Option("waiting_values", "PGQR_WAITING_VALUES", words, ("connecting",),
            "status values that mean \"needs a QR\" (comma-separated)", BINDING),
     Option("connected_value", "PGQR_CONNECTED_VALUE", text, "connected",
            "status pgqr writes once the instance is connected", BINDING),
     Option("gave_up_value", "PGQR_GAVE_UP_VALUE", column, None,
            "status pgqr writes when Evolution gives up (QR limit, logout, delete); none: keep waiting", BINDING),
+    Option("disconnected_value", "PGQR_DISCONNECTED_VALUE", column, None,
+           "status pgqr writes when a connected instance drops (logout, closed, deleted in Evolution); "
+           "none: never written", BINDING),
     Option("token_column", "PGQR_TOKEN_COLUMN", column, "instance_token", "the instance's own Evolution token",
            BINDING),
     Option("url_column", "PGQR_URL_COLUMN", column, "evolution_url", "the instance's Evolution base URL", BINDING),
@@ -294,10 +299,11 @@ class Settings:
     table: str = "public.evolution_instances"
     key_column: str | None = None
     name_column: str = "instance_name"
-    status_column: str = "instance_status"
+    status_column: str | None = "instance_status"
     waiting_values: tuple[str, ...] = ("connecting",)
     connected_value: str = "connected"
     gave_up_value: str | None = None
+    disconnected_value: str | None = None
     token_column: str | None = "instance_token"
     url_column: str | None = "evolution_url"
     qr_column: str | None = "qr_code"

@@ -50,9 +50,11 @@ def describe_binding(binding: dict[str, Any] | None) -> str:
     if not binding:
         return "nothing bound (run `pgqr bind`)"
     b = binding
-    parts = [f"key {b['key_column']}", f"name {b['name_column']}",
-             f"status {b['status_column']} (waiting {','.join(b['waiting_values'])}; connected "
-             f"{b['connected_value']}; gave up {b['gave_up_value'] or '-'})"]
+    dropped = f"; disconnected {b['disconnected_value']}" if b.get("disconnected_value") else ""
+    status = (f"status {b['status_column']} (waiting {','.join(b['waiting_values'])}; connected "
+              f"{b['connected_value']}; gave up {b['gave_up_value'] or '-'}{dropped})" if b["status_column"]
+              else "no status column (waiting while Evolution says connecting)")
+    parts = [f"key {b['key_column']}", f"name {b['name_column']}", status]
     parts += [f"{label} {b[attr]}" for label, attr in (
         ("token", "token_column"), ("url", "url_column"), ("qr", "qr_column"), ("qr at", "qr_at_column"),
         ("qr expires", "qr_expires_column"), ("pairing", "pairing_column"), ("phone", "phone_column"))

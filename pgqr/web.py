@@ -66,6 +66,15 @@ class Event:
     pairing_code: str | None = None
     evolution_state: str | None = None
     error_class: str | None = None
+    reason: str | None = None  # why that state: logged_out, deleted, qr_limit, or Evolution's statusReason
+
+
+def _status_reason(data: dict[str, Any]) -> str | None:
+    """connection.update's statusReason: 401 is Baileys' loggedOut (the phone unlinked it)."""
+    code = data.get("statusReason")
+    if isinstance(code, bool) or not isinstance(code, int):
+        return None
+    return "logged_out" if code == 401 else str(code)
 
 
 class BadWebhook(ValueError):
@@ -105,11 +114,13 @@ def event_from_webhook(body: Any) -> Event | None:
         if state == "open":
             return Event(name, server, "connected", evolution_state="open")
         if state == "refused":
-            return Event(name, server, "gave_up", evolution_state="close", error_class="qr_limit")
+            return Event(name, server, "gave_up", evolution_state="close", error_class="qr_limit", reason="qr_limit")
         if state in ("close", "connecting"):
-            return Event(name, server, "event", evolution_state=state)
+            return Event(name, server, "event", evolution_state=state,
+                         reason=_status_reason(data) if state == "close" else None)
     if event in ("logout.instance", "remove.instance", "instance.delete"):
-        return Event(name, server, "gave_up", evolution_state="close", error_class=event.replace(".", "_"))
+        return Event(name, server, "gave_up", evolution_state="close", error_class=event.replace(".", "_"),
+                     reason="logged_out" if event == "logout.instance" else "deleted")
     return None
 
 
@@ -251,7 +262,7 @@ async def _webhook(request: web.Request, deps: Deps) -> web.Response:
         md5 = db.image_md5(event.qr) if event.qr else None
         result = db.Result(key=instance.key, source="webhook", outcome=event.outcome, md5=md5, qr=event.qr,
                            pairing_code=event.pairing_code, evolution_state=event.evolution_state,
-                           error_class=event.error_class)
+                           evolution_reason=event.reason, error_class=event.error_class)
         rec = await deps.record(result)
     except writeback.Refused:
         raise Refused(422, "bad_value", "the database cannot hold a value of this webhook") from None

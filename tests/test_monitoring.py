@@ -364,7 +364,8 @@ def test_first_evaluation_gives_a_fresh_install_grace_then_fires_for_a_listener_
 ) -> None:
     fresh = alerts.check()
     assert {r: v["state"] for r, v in fresh.items()} == {
-        "stale_qr": "ok", "no_listener": "ok", "ticks_not_firing": "ok", "evolution_failures": "ok"}
+        "stale_qr": "ok", "no_listener": "ok", "ticks_not_firing": "ok", "evolution_failures": "ok",
+        "connections_dropped": "ok", "evolution_server_missing": "ok"}
     assert alerts.notified() == []
     installed_long_ago(quiet)
     later = alerts.check()

@@ -126,7 +126,7 @@ async def test_doctor_passes_every_check_on_a_healthy_installation(migrated: Dat
     assert result.returncode == 0, result.stdout + result.stderr
     checks = result.stdout.splitlines()[:-1]
     assert [c.split()[1].rstrip(":") for c in checks] == [
-        "pg_cron", "schema", "jobs", "job", "binding", "names", "listener", "listen", "tokens", "evolution",
+        "pg_cron", "schema", "jobs", "job", "binding", "names", "servers", "listener", "listen", "tokens", "evolution",
         "instances", "webhooks"]
     assert all(c.startswith("PASS") for c in checks)
     assert "lives in database postgres" in result.stdout

@@ -77,6 +77,11 @@ class Instance:
     generation: int = 0  # bumped by every change that makes a scheduled push stale
     next_flap_at: float = math.inf
     calls: CallLog = field(default_factory=CallLog)
+    # Evolution's database row (what fetchInstances lists): written on a QR, on open and on a final close or
+    # logout, never by the silent closes of a reconnect loop, so it can lag the in-memory `state` (section 3)
+    db_status: State = "close"
+    disconnection_code: int | None = None
+    disconnection_at: str | None = None
 
     # ---- reading (pure) ----
 
@@ -113,7 +118,7 @@ class Instance:
             return []
         self.serial_base += max(0, limit - self.count_base)
         self.count_base = 0
-        self.session, self.held, self.state = None, None, "close"
+        self.session, self.held, self.state, self.db_status = None, None, "close", "close"
         self.generation += 1
         return [
             Event("qrcode.updated", {"message": "QR code limit reached, please login again", "statusCode": 500}),
@@ -131,6 +136,8 @@ class Instance:
         self.sockets_started += 1
         self.state = "connecting"
         self.session = Session(now + first_qr_delay, 1, ttl, number, makes_qrs)
+        if makes_qrs:
+            self.db_status = "connecting"  # its first QR is written within first_qr_delay
         return [self._connecting()]
 
     def rotate(self, now: float, limit: int) -> list[Event]:
@@ -151,6 +158,7 @@ class Instance:
         """The user scans: pair-success, close 515, automatic reconnect: connecting, then open."""
         self._end_session(now)
         self.state, self.wuid, self.profile_name = "open", wuid, f"Sim {self.name}"
+        self.db_status, self.disconnection_code, self.disconnection_at = "open", None, None
         opened = {
             "instance": self.name, "wuid": wuid, "profileName": self.profile_name,
             "profilePictureUrl": None, "state": "open", "statusReason": 200,
@@ -161,6 +169,7 @@ class Instance:
         """A final close (no reconnect). The old QR stays in memory (section 2 [INFERRED])."""
         self._end_session(now)
         self.state = "close"
+        self._closed_in_db(wall, reason)
         return [self._status_closed(wall, reason), self._closed(reason)]
 
     def logout(self, now: float, wall: str) -> list[Event]:
@@ -169,6 +178,7 @@ class Instance:
             raise NotConnectedError(self.name)
         self._end_session(now)
         self.state, self.wuid, self.profile_name = "close", None, None
+        self._closed_in_db(wall, 401)
         return [self._status_closed(wall, 401), Event("logout.instance", None), self._closed(401)]
 
     def delete(self, now: float) -> list[Event]:
@@ -201,6 +211,9 @@ class Instance:
             self.count_base += k
             self.session = None
         self.generation += 1
+
+    def _closed_in_db(self, wall: str, reason: int) -> None:
+        self.db_status, self.disconnection_code, self.disconnection_at = "close", reason, wall
 
     def _connecting(self) -> Event:
         return Event("connection.update", {"instance": self.name, "state": "connecting", "statusReason": 200})

@@ -68,7 +68,7 @@ def instance_row(inst: Instance) -> dict[str, Any]:
     return {
         "id": inst.instance_id,
         "name": inst.name,
-        "connectionStatus": inst.state,
+        "connectionStatus": inst.db_status,  # the database column, not the in-memory state
         "ownerJid": inst.wuid,
         "profileName": inst.profile_name,
         "profilePicUrl": None,
@@ -77,9 +77,9 @@ def instance_row(inst: Instance) -> dict[str, Any]:
         "businessId": None,
         "token": inst.token,
         "clientName": "evolution_exchange",
-        "disconnectionReasonCode": None,
+        "disconnectionReasonCode": inst.disconnection_code,
         "disconnectionObject": None,
-        "disconnectionAt": None,
+        "disconnectionAt": inst.disconnection_at,
         "createdAt": inst.created_at,
         "updatedAt": inst.created_at,
         "Chatwoot": None,

@@ -88,6 +88,7 @@ class Simulator:
             self.start_socket(inst, None, started=time.monotonic() - phase)
         elif state == "open":
             inst.state, inst.wuid, inst.profile_name = "open", self._wuid(), f"Sim {name}"
+            inst.db_status = "open"
         if mode == "flapping":
             self._start_flapping(inst)
         return inst.token

@@ -1,0 +1,181 @@
+"""The sweep: Evolution's state of every bound row that is not waiting, read without side effects, and the
+confirming read of each pending drop.
+
+Once per period (pgqr.settings `sweep_seconds`, 300 by default; one replica at a time, by a lease):
+- a server the global key (EVOLUTION_API_KEY) lists is read with one fetchInstances. Its `connectionStatus` is
+  Evolution's database column and can lag its memory, so a row whose listed status differs from what pgqr holds,
+  or that is not listed at all, is read again with connectionState before anything is recorded;
+- the rows of other servers (only instance tokens known) are read with connectionState one by one, spread evenly
+  over the period rather than in a burst.
+Every few seconds, pending drops whose state has held long enough are read once more with connectionState
+(pgqr.drops_to_confirm), which settles them. Never /instance/connect: on a closed instance that opens a WhatsApp
+socket nobody asked for. A reply without a state (an instance not loaded yet) is unknown and records nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Coroutine
+from typing import Any, cast, get_args
+
+from . import db
+from .evolution import EvolutionClient, EvolutionState, Failure, InstanceList
+from .metrics import Metrics
+from .settings import Settings, reveal
+
+log = logging.getLogger("pgqr.sweep")
+
+CONFIRM_SECONDS = 2.0      # how often pending drops are looked for
+RETRY_CONFIRM_SECONDS = 30.0  # a confirming read that failed is not repeated sooner
+FLUSH_EVERY = 200          # observations per pgqr.observe call
+CONCURRENCY = 10           # reads in flight
+LISTED_ROW_BYTES = 8192    # fetchInstances' reply per instance (a row with its settings is about 2 KB)
+STATES = frozenset(get_args(db.StateName))
+
+
+def _state_of(reply: EvolutionState | Failure) -> db.StateName | None:
+    """What a connectionState reply says: a state, `not_found` for a 404, None when it says nothing."""
+    if isinstance(reply, Failure):
+        return "not_found" if reply.error_class == "not_found" else None
+    return reply.state
+
+
+class Sweep:
+    """Reads Evolution's state for the rows pgqr does not poll, and confirms pending drops."""
+
+    def __init__(self, settings: Settings, pool: db.Pool, client: EvolutionClient, owner: str,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.client = client
+        self.owner = owner
+        self.metrics = metrics
+        self._pending: list[db.Observation] = []
+        self._confirmed_at: dict[str, float] = {}
+
+    # -- the periodic sweep -------------------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        while True:
+            period = await db.sweep_seconds(self.pool)
+            started = time.monotonic()
+            with contextlib.suppress(Exception):
+                if await self.pool.value("SELECT pgqr.take_sweep(%s, make_interval(secs => %s))",
+                                         (self.owner, period * 1.5)):
+                    await self.sweep_once(spread=period)
+            # a failed round is not retried at once: the next period reads everything again anyway
+            await asyncio.sleep(max(1.0, started + period - time.monotonic()))
+
+    async def sweep_once(self, spread: float = 0.0) -> None:
+        """Read every row that is not waiting; the one-by-one reads spread over `spread` seconds."""
+        rows = await db.sweep_rows(self.pool)
+        by_server: dict[str, list[db.Target]] = defaultdict(list)
+        for row in rows:
+            base = row.url or self.settings.default_evolution_url
+            if base and (row.token or self.settings.evolution_api_key):
+                by_server[base].append(row)
+        one_by_one: list[db.Target] = []
+        global_key = reveal(self.settings.evolution_api_key)
+        listed_changes: list[Coroutine[Any, Any, None]] = []
+        for base, targets in by_server.items():
+            listed = await self._listing(base, global_key, len(targets)) if global_key else None
+            if listed is None:
+                one_by_one += targets
+            else:
+                listed_changes.append(self._compare(targets, listed, spread))
+        await self._flush()
+        await asyncio.gather(self._read_spread(one_by_one, spread), *listed_changes)
+        await self._flush()
+
+    async def _listing(self, base: str, key: str, rows: int) -> InstanceList | None:
+        """fetchInstances with the global key, with a reply limit sized to the rows on that server; None when
+        the key does not list every instance there (not a global key, or refused)."""
+        limit = max(self.settings.max_reply_bytes, LISTED_ROW_BYTES * rows)
+        async with EvolutionClient(timeout=self.settings.http_timeout, max_reply_bytes=limit,
+                                   concurrency=1) as client:
+            self.metrics.sweep_calls.labels("fetchInstances").inc()
+            listed = await client.fetch_instances(base, key)
+        if isinstance(listed, Failure) or listed.key_scope == "instance":
+            return None
+        return listed
+
+    async def _compare(self, targets: list[db.Target], listed: InstanceList, spread: float) -> None:
+        """A row listed as pgqr holds it is seen. One pgqr has never heard of takes the listed status (nothing acts
+        on it unread: a drop and a poll without a status column both read connectionState first). A change from
+        what pgqr holds is read from Evolution's memory first, spread over the period."""
+        status = {row.name: row.connection_status for row in listed.rows}
+        changed: list[db.Target] = []
+        for t in targets:
+            said = status.get(t.name, "not_found")
+            if said not in STATES:
+                changed.append(t)
+            elif t.evolution_state is None or said == t.evolution_state:
+                self._observed(db.Observation(t.key, cast(db.StateName, said)))
+            else:
+                changed.append(t)
+        await self._read_spread(changed, spread)
+
+    async def _read_spread(self, targets: list[db.Target], spread: float) -> None:
+        gap = spread / len(targets) if targets else 0.0
+        start = time.monotonic()
+        running: set[asyncio.Task[None]] = set()
+        limit = asyncio.Semaphore(CONCURRENCY)
+        for i, t in enumerate(targets):
+            # each row in the middle of its share of the period: evenly spread, and a process that just started
+            # does not begin with a read
+            await asyncio.sleep(max(0.0, start + (i + 0.5) * gap - time.monotonic()))
+            await limit.acquire()
+            task = asyncio.create_task(self._read(t))
+            task.add_done_callback(lambda _t: limit.release())
+            running.add(task)
+            task.add_done_callback(running.discard)
+            if len(self._pending) >= FLUSH_EVERY:
+                await self._flush()
+        await asyncio.gather(*running)
+
+    async def _read(self, t: db.Target) -> None:
+        base = t.url or self.settings.default_evolution_url
+        key = t.token or reveal(self.settings.evolution_api_key)
+        if not base or not key:
+            return
+        self.metrics.sweep_calls.labels("connectionState").inc()
+        try:
+            state = _state_of(await self.client.connection_state(base, t.name, key))
+        except Exception:
+            log.exception("reading the state of %s crashed", t.name, extra={"action": "sweep_error"})
+            return
+        if state is not None:
+            self._observed(db.Observation(t.key, state, checked=True))
+
+    def _observed(self, o: db.Observation) -> None:
+        self._pending.append(o)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:FLUSH_EVERY], self._pending[FLUSH_EVERY:]
+            held = await db.observe(self.pool, self.owner, batch)
+            if held:  # another writer had those rows: once more, after it
+                await asyncio.sleep(0.05)
+                await db.observe(self.pool, self.owner, [o for o in batch if o.key in set(held)])
+
+    # -- confirming pending drops -------------------------------------------------------------------------
+
+    async def confirm_forever(self, now: Callable[[], float] = time.monotonic) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self.confirm_once(now())
+            await asyncio.sleep(CONFIRM_SECONDS)
+
+    async def confirm_once(self, at: float) -> None:
+        due = [t for t in await db.drops_to_confirm(self.pool)
+               if at - self._confirmed_at.get(t.key, -RETRY_CONFIRM_SECONDS) >= RETRY_CONFIRM_SECONDS]
+        for t in due:
+            self._confirmed_at[t.key] = at
+        await self._read_spread(due, 0.0)
+        await self._flush()
+        for key in [k for k, when in self._confirmed_at.items() if at - when > RETRY_CONFIRM_SECONDS]:
+            del self._confirmed_at[key]
