@@ -500,18 +500,20 @@ $$;
 
 -- The write path (0011's record_results, unchanged, under a new name) with Evolution's state observed around it:
 -- without a status column, a webhook saying `connecting` first starts the row waiting so its QR is taken; then
--- every result that says what Evolution's state is, written or not (a webhook about a connected instance), is
--- observed. A result whose observation met another writer's lock is returned busy, to be handed in again.
+-- the results that say something the write path did not record are observed: a webhook about an instance that is
+-- not waiting (a connected one that drops), open, close, and every state of a row without a status column. The
+-- hot path, a QR of a waiting instance, is not observed twice. A webhook whose observation met another writer's
+-- lock is returned busy, to be handed in again.
 ALTER FUNCTION pgqr.record_results(text, jsonb) RENAME TO write_results;
 
-CREATE FUNCTION pgqr.result_observations(results jsonb, only_connecting boolean) RETURNS jsonb
+CREATE FUNCTION pgqr.result_observations(results jsonb, among text[], everything boolean) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'key', r->>'key', 'state', r->>'evolution_state', 'reason', r->>'evolution_reason',
                'source', r->>'source', 'checked', r->>'source' = 'poll')), '[]')
     FROM jsonb_array_elements(results) r
     WHERE r->>'evolution_state' IS NOT NULL
-      AND (NOT only_connecting OR (r->>'evolution_state' = 'connecting' AND r->>'source' = 'webhook'))
+      AND (everything OR r->>'evolution_state' <> 'connecting' OR r->>'key' = ANY(among))
 $$;
 
 CREATE FUNCTION pgqr.record_results(writer text, results jsonb)
@@ -520,15 +522,34 @@ RETURNS TABLE (key text, written boolean, claim_held boolean, busy boolean, qr_u
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    skipped text[] := '{}';
+    statusless boolean := coalesce((SELECT b.status_column IS NULL FROM pgqr.binding b), false);
+    starting   jsonb;
+    seen       jsonb;
+    unwritten  text[] := '{}';
+    skipped    text[] := '{}';
+    w          record;
 BEGIN
-    IF (SELECT b.status_column IS NULL FROM pgqr.binding b) THEN
-        skipped := ARRAY(SELECT pgqr.observe(writer, pgqr.result_observations(results, true)));
+    IF statusless THEN
+        SELECT coalesce(jsonb_agg(o), '[]') INTO starting
+        FROM jsonb_array_elements(pgqr.result_observations(results, '{}', true)) o
+        WHERE o->>'state' = 'connecting' AND o->>'source' = 'webhook';
+        IF jsonb_array_length(starting) > 0 THEN
+            skipped := ARRAY(SELECT pgqr.observe(writer, starting));
+        END IF;
     END IF;
-    RETURN QUERY SELECT * FROM pgqr.write_results(writer, results);
-    skipped := skipped || ARRAY(SELECT pgqr.observe(writer, pgqr.result_observations(results, false)));
-    -- a webhook whose observation met another writer's lock: a second row for its key, busy, so the writer hands
-    -- it in again (what it wrote, if anything, is not written twice: the same image or state is no news)
+    FOR w IN SELECT * FROM pgqr.write_results(writer, results) LOOP
+        key := w.key; written := w.written; claim_held := w.claim_held; busy := w.busy;
+        qr_updated := w.qr_updated; outcome := w.outcome; reason := w.reason;
+        RETURN NEXT;
+        IF NOT w.written AND NOT w.busy THEN
+            unwritten := unwritten || w.key;
+        END IF;
+    END LOOP;
+    seen := pgqr.result_observations(results, unwritten, statusless);
+    IF jsonb_array_length(seen) > 0 THEN
+        skipped := skipped || ARRAY(SELECT pgqr.observe(writer, seen));
+    END IF;
+    -- a second row for its key, busy: the writer keeps the last row of a key
     RETURN QUERY SELECT DISTINCT k, false, false, true, false, 'event'::text, 'busy'::text
                  FROM unnest(skipped) k
                  WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(results) r
