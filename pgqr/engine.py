@@ -19,7 +19,7 @@ from typing import Any
 
 from . import db, writeback
 from .evolution import Connected, EvolutionClient, Failure, NoQrYet, QrCode, Reply
-from .settings import Settings, reveal
+from .settings import Settings
 
 log = logging.getLogger("pgqr.engine")
 
@@ -271,8 +271,7 @@ class Engine:
             outcome.set_result(item)
 
     async def _call(self, claimed: db.Claimed) -> Reply | Closed:
-        base = claimed.url or self.settings.default_evolution_url
-        key = claimed.token or reveal(self.settings.evolution_api_key)
+        base, key = self.settings.evolution_for(claimed.url, claimed.token)
         # an instance we cannot even call: name the missing setting (never a value)
         if not base:
             return Reply(Failure("config", True, None, "no Evolution URL on the row and EVOLUTION_API_URL unset"), 0.0)

@@ -21,7 +21,7 @@ import psycopg
 
 from . import tokens
 from .evolution import WEBHOOK_EVENTS, EvolutionClient, Failure, NoWebhook, WebhookConfig, display_url
-from .settings import ConfigError, Settings, reveal
+from .settings import ConfigError, Settings
 
 CONCURRENCY = 10  # Evolution calls in flight for register and doctor
 SHOWN = 10  # names listed in a message; the rest are counted
@@ -58,8 +58,7 @@ def targets(conn: psycopg.Connection[Any], settings: Settings, names: Iterable[s
     where, params = ("WHERE name = ANY(%s)", (list(names),)) if names is not None else ("", ())
     rows = conn.execute(f"SELECT name, token, url, waiting FROM pgqr.app_instances {where} ORDER BY name, key",
                         params).fetchall()
-    default_url, default_key = reveal(settings.evolution_api_url), reveal(settings.evolution_api_key)
-    return [Target(str(name), url or default_url, token or default_key, bool(token), bool(waiting))
+    return [Target(str(name), *settings.evolution_for(url, token), bool(token), bool(waiting))
             for name, token, url, waiting in rows]
 
 

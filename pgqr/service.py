@@ -26,7 +26,7 @@ from .engine import Engine, InstanceResult
 from .evolution import EvolutionClient
 from .listener import Listener
 from .metrics import Metrics
-from .settings import Settings, describe, reveal
+from .settings import Settings, describe
 from .sweep import Sweep
 
 log = logging.getLogger("pgqr.service")
@@ -119,7 +119,7 @@ class Service:
             readiness=self.readiness, notes=self.notes, metrics=self.metrics,
             auth=tokens.WebhookAuth(self.settings.webhook_secret, self.settings.evolution_api_key,
                                     self.settings.webhook_jwt_key),
-            default_evolution_url=reveal(self.settings.evolution_api_url)))
+            evolution_url=lambda url: self.settings.evolution_for(url, None)[0]))
         if self.page is not None:
             secrets = [s.reveal() for s in (self.settings.link_secret, self.settings.link_secret_previous) if s]
             page.register(app, self.page, secrets)

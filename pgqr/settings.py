@@ -325,6 +325,12 @@ class Settings:
     def default_evolution_url(self) -> str | None:
         return reveal(self.evolution_api_url)
 
+    def evolution_for(self, url: str | None, token: str | None) -> tuple[str | None, str | None]:
+        """Where and with which key pgqr calls one instance: the row's own Evolution URL and token, else
+        EVOLUTION_API_URL and EVOLUTION_API_KEY. The one place this rule lives: the engine, the sweep, webhook
+        registration, doctor and the webhook receiver all ask here."""
+        return url or self.default_evolution_url, token or reveal(self.evolution_api_key)
+
     def binding_given(self) -> bool:
         return any(attr in self.explicit for attr in BINDING_ATTRS)
 

@@ -75,8 +75,8 @@ class Sweep:
         rows = await db.sweep_rows(self.pool)
         by_server: dict[str, list[db.Target]] = defaultdict(list)
         for row in rows:
-            base = row.url or self.settings.default_evolution_url
-            if base and (row.token or self.settings.evolution_api_key):
+            base, key = self.settings.evolution_for(row.url, row.token)
+            if base and key:
                 by_server[base].append(row)
         one_by_one: list[db.Target] = []
         global_key = reveal(self.settings.evolution_api_key)
@@ -138,8 +138,7 @@ class Sweep:
         await asyncio.gather(*running)
 
     async def _read(self, t: db.Target) -> None:
-        base = t.url or self.settings.default_evolution_url
-        key = t.token or reveal(self.settings.evolution_api_key)
+        base, key = self.settings.evolution_for(t.url, t.token)
         if not base or not key:
             return
         self.metrics.sweep_calls.labels("connectionState").inc()

@@ -49,7 +49,7 @@ class Deps:
     notes: Callable[[], list[str]]              # degraded but serving (readiness stays 200)
     metrics: Metrics
     auth: tokens.WebhookAuth
-    default_evolution_url: str | None
+    evolution_url: Callable[[str | None], str | None]  # the base URL a row is called on (Settings.evolution_for)
 
 
 DEPS: web.AppKey[Deps] = web.AppKey("deps")
@@ -124,12 +124,13 @@ def event_from_webhook(body: Any) -> Event | None:
     return None
 
 
-def pick(instances: list[db.Instance], server_url: str | None, default_url: str | None) -> db.Instance | None:
+def pick(instances: list[db.Instance], server_url: str | None,
+         evolution_url: Callable[[str | None], str | None]) -> db.Instance | None:
     """The row a webhook means: Evolution's names are unique per server, so a name shared by rows on several
     servers is told apart by the envelope's server_url."""
     if len(instances) <= 1 or not server_url:
         return instances[0] if len(instances) == 1 else None
-    same = [i for i in instances if (i.url or default_url or "").rstrip("/") == server_url.rstrip("/")]
+    same = [i for i in instances if (evolution_url(i.url) or "").rstrip("/") == server_url.rstrip("/")]
     return same[0] if len(same) == 1 else None
 
 
@@ -252,7 +253,7 @@ async def _webhook(request: web.Request, deps: Deps) -> web.Response:
         return web.json_response({"ignored": event_name})
     try:
         instances = await deps.find(event.name)
-        instance = pick(instances, event.server_url, deps.default_evolution_url)
+        instance = pick(instances, event.server_url, deps.evolution_url)
         if instance is None:
             raise Refused(404, "unknown_instance" if not instances else "ambiguous_instance", "unknown instance")
         apikey = body.get("apikey")
