@@ -183,7 +183,7 @@ def migrate(dsn: str, migrations: list[Migration] | None = None, *, dry_run: boo
 
 
 def sync_error_classes(conn: psycopg.Connection[tuple[object, ...]]) -> None:
-    """Copy the one table of error classes (pgqr/evolution.py) into pgqr.error_classes."""
+    """Copy the one table of error classes (pgqr/evolution/errors.py) into pgqr.error_classes."""
     rows = [(name, i.transient, i.backoff_base, i.backoff_max, i.meaning) for name, i in ERROR_CLASSES.items()]
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
