@@ -49,7 +49,7 @@ class Db:
         async with await self.connect() as conn:
             await conn.execute(sql.encode(), params)
 
-    async def load(self, tokens: dict[str, str]) -> None:
+    async def load(self, tokens: dict[str, str], status: str = "connecting") -> None:
         """The app's rows for these instances, as a bulk load does it (no trigger, no NOTIFY), then the sync a
         tick would run: they are due now, but nobody has been woken."""
         async with await psycopg.AsyncConnection.connect(self.dsn) as conn:
@@ -57,7 +57,7 @@ class Db:
             async with conn.cursor().copy("COPY public.evolution_instances (instance_name, instance_token, "
                                           "instance_status) FROM STDIN") as copy:
                 for name, token in tokens.items():
-                    await copy.write_row((name, token, "connecting"))
+                    await copy.write_row((name, token, status))
             await conn.execute("SET session_replication_role = origin")
             await conn.execute("SELECT pgqr.sync_instances()")
             await conn.commit()

@@ -24,5 +24,5 @@ class Options:
 
 # Each phase by name, in the order they run. --quick leaves out the full-only ones (each takes minutes) and
 # samples freshness for 30 s: under 5 minutes.
-PHASES = ("reconcile", "service", "page", "freshness", "skew", "scale", "replicas", "crash")
+PHASES = ("reconcile", "service", "page", "sweep", "freshness", "skew", "scale", "replicas", "crash")
 FULL_ONLY = ("skew", "scale", "replicas", "crash")

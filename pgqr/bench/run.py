@@ -16,7 +16,7 @@ from .. import devdb
 from .context import Bench
 from .harness import SimProcess
 from .options import FULL_ONLY, Options
-from .phases import crash, freshness, page, reconcile, replicas, scale, service
+from .phases import crash, freshness, page, reconcile, replicas, scale, service, sweep
 from .report import Report
 
 # The full bench's own phases (each minutes long), run last and each on its own
@@ -42,6 +42,8 @@ async def run(bench: Bench) -> Report:
             await sim.stop()
     if bench.wants("page"):
         await page.live_page(bench)
+    if bench.wants("sweep"):
+        await sweep.sweep(bench)
     if bench.wants("freshness"):
         await freshness.freshness(bench, "polling only")
     for skew in (20, -20) if bench.wants("skew") else ():  # the same phase with the clock ahead, then behind
