@@ -14,21 +14,19 @@ import logging
 import signal
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 
 from . import __version__, admin, logs, migrations
-from .errors import ConfigurationError, MigrationError, NotInstalled
+from .errors import ConfigurationError, MigrationError
+from .preflight import DatabaseUnreachable, preflight
 from .settings import (
     ConfigError,
     Parser,
-    Settings,
     add_flags,
     database_refusal,
-    database_target,
     first_line,
     load,
     rejected_dsn,
@@ -47,7 +45,6 @@ EXIT_STATUSES: tuple[tuple[int, str], ...] = (
         "does not exist, a binding the app's table refuses, or pgqr not installed in this database (doctor "
         "reports that as a failed check)"),
 )
-WAIT_REPORT_SECONDS = 10.0
 STATUS_ROWS = 200  # `pgqr status` shows at most this many instances by default
 
 
@@ -83,63 +80,6 @@ def cmd_bind(args: argparse.Namespace) -> int:
     return 0
 
 
-class DatabaseUnreachable(RuntimeError):
-    """The database did not answer within the wait (exit 1: nothing to fix in pgqr's settings, maybe)."""
-
-
-async def _preflight(settings: Settings, wait: float = 0.0, say: Callable[[str], None] | None = None) -> None:
-    """Fail fast, with one line, on what no retry can fix: refused credentials, a database without pgqr, or
-    waiting instances that have no Evolution URL to call. A database that is down or starting, or a role or
-    database that does not exist yet (it may still be being created), is tried again for `wait` seconds, said
-    every WAIT_REPORT_SECONDS through `say`, then reported once: exit 2 for a refusal, 1 for no answer."""
-    target = database_target(settings.dsn)
-    if say:
-        say(f"connecting to the database: {target}")
-    start = time.monotonic()
-    deadline, report_at = start + wait, start + WAIT_REPORT_SECONDS
-    while True:
-        try:
-            row = await _installed_and_unreachable_rows(settings)
-            break
-        except psycopg.Error as exc:
-            if rejected := rejected_dsn(exc):
-                raise rejected from None
-            if not isinstance(exc, psycopg.OperationalError):
-                raise
-            refusal = database_refusal(exc, settings.dsn)
-            if refusal and refusal.lasting:
-                raise refusal from None
-            now = time.monotonic()
-            if now >= deadline:
-                waited = f" (waited {wait:g} s)" if wait else ""
-                if refusal:
-                    raise ConfigError(f"{refusal}{waited}") from None
-                raise DatabaseUnreachable(f"cannot reach the database{waited}: {first_line(exc)}") from None
-            if say and now >= report_at:
-                why = str(refusal).removeprefix("the database refused the connection: ") if refusal \
-                    else first_line(exc)
-                say(f"still waiting for the database ({now - start:.0f} s of {wait:g} s): {why}")
-                report_at += WAIT_REPORT_SECONDS
-            await asyncio.sleep(min(1.0, max(0.0, deadline - now)))
-    if row:
-        raise ConfigError(f"EVOLUTION_API_URL is not set and {row} instance(s) have no Evolution URL of their own")
-
-
-async def _installed_and_unreachable_rows(settings: Settings) -> int:
-    """Raise unless pgqr is installed; the number of waiting instances without any Evolution URL."""
-    async with await psycopg.AsyncConnection.connect(settings.dsn, connect_timeout=10,
-                                                     prepare_threshold=None) as conn:
-        cur = await conn.execute(admin.INSTALLED)
-        row = await cur.fetchone()
-        if not row or not row[0]:
-            raise NotInstalled(str(conn.info.dbname))
-        if settings.evolution_api_url:
-            return 0
-        cur = await conn.execute("SELECT count(*) FROM pgqr.app_instances WHERE coalesce(url, '') = ''")
-        row = await cur.fetchone()
-        return int(row[0]) if row else 0
-
-
 def _log_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["auto", "json", "text"], default="auto",
                    help="log lines as JSON objects or as text; auto: text on a terminal, JSON otherwise "
@@ -158,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         service = Service(settings)
         await service.serve_http()  # a port in use is said at once, not after waiting for the database
         try:
-            await _preflight(settings, settings.database_wait_seconds,
+            await preflight(settings, settings.database_wait_seconds,
                              lambda line: log.info(line, extra={"action": "database_wait"}))
         except BaseException:
             await service.stop_http()
@@ -183,7 +123,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     logs.setup(args.log_format, "WARNING" if args.json else args.log_level)
 
     async def main() -> int:
-        await _preflight(settings)
+        await preflight(settings)
         pool = db.Pool(settings.dsn, size=3)
         await pool.open()
         client = EvolutionClient(timeout=settings.http_timeout, concurrency=settings.concurrency,
