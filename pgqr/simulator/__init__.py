@@ -13,6 +13,7 @@ per instance on request. A small unauthenticated control API under /_sim drives 
     webhooks.py   webhook rows and delivery (a worker pool, in order per instance)
     replies.py    Evolution's reply bodies
     faults.py     replies a healthy Evolution never sends (hang, 502 page, 50 MB, reset ...)
+    surface.py    what the routes need of the simulator (Protocols), so they never import server.py
     routes.py     Evolution's HTTP routes
     control.py    the /_sim control API
     server.py     Simulator: wires the parts; the surface tests drive

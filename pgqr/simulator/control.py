@@ -16,21 +16,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from aiohttp import web
 
 from .config import MODES, STATES, Mode, State
-
-if TYPE_CHECKING:
-    from .server import Simulator
+from .surface import ControlSurface
 
 __all__ = ["add_routes"]
 
 MAX_BULK = 100_000
 
 
-def add_routes(app: web.Application, sim: Simulator) -> None:
+def add_routes(app: web.Application, sim: ControlSurface) -> None:
     c = _Control(sim)
     app.router.add_post("/_sim/instances", c.add)
     app.router.add_post("/_sim/instances/bulk", c.bulk)
@@ -64,7 +62,7 @@ def _state_and_mode(body: dict[str, Any]) -> tuple[State, Mode] | None:
 
 
 class _Control:
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: ControlSurface) -> None:
         self.sim = sim
 
     async def add(self, request: web.Request) -> web.Response:

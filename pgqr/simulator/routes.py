@@ -7,17 +7,15 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from . import replies
 from .faults import fault_reply
 from .lifecycle import Instance, NotConnectedError
+from .surface import EvolutionSurface
 from .webhooks import ALL_EVENTS, webhook_row
-
-if TYPE_CHECKING:
-    from .server import Simulator
 
 __all__ = ["Handler", "add_routes", "not_found_middleware", "same_secret"]
 
@@ -45,7 +43,7 @@ async def _json_body(request: web.Request) -> Any:
         return None
 
 
-def add_routes(app: web.Application, sim: Simulator) -> None:
+def add_routes(app: web.Application, sim: EvolutionSurface) -> None:
     r = _Routes(sim)
     app.router.add_get("/", r.welcome)
     app.router.add_get("/instance/connect/{name}", r.connect)
@@ -59,7 +57,7 @@ def add_routes(app: web.Application, sim: Simulator) -> None:
 
 
 class _Routes:
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: EvolutionSurface) -> None:
         self.sim = sim
 
     def _guard(self, request: web.Request) -> Instance | web.Response:
