@@ -171,8 +171,12 @@ async def record_results(pool: Pool, owner: str, results: list[Result]) -> list[
     if not results:
         return []
     payload = json.dumps([r.as_json() for r in results])
+    # what the results say of Evolution's state, picked out here: the database need not walk the QR images for it
+    observations = json.dumps([
+        {"key": r.key, "state": r.evolution_state, "reason": r.evolution_reason, "source": r.source,
+         "checked": r.source == "poll"} for r in results if r.evolution_state is not None])
     rows: list[Recorded] = await pool.rows(
-        Recorded, "SELECT * FROM pgqr.record_results(%s, %s::jsonb)", (owner, payload))
+        Recorded, "SELECT * FROM pgqr.record_results(%s, %s::jsonb, %s::jsonb)", (owner, payload, observations))
     return rows
 
 

@@ -506,17 +506,19 @@ $$;
 -- lock is returned busy, to be handed in again.
 ALTER FUNCTION pgqr.record_results(text, jsonb) RENAME TO write_results;
 
-CREATE FUNCTION pgqr.result_observations(results jsonb, among text[], everything boolean) RETURNS jsonb
+-- What results say of Evolution's state, as pgqr.observe takes it (a poll read Evolution's memory: checked).
+CREATE FUNCTION pgqr.result_observations(results jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'key', r->>'key', 'state', r->>'evolution_state', 'reason', r->>'evolution_reason',
                'source', r->>'source', 'checked', r->>'source' = 'poll')), '[]')
     FROM jsonb_array_elements(results) r
     WHERE r->>'evolution_state' IS NOT NULL
-      AND (everything OR r->>'evolution_state' <> 'connecting' OR r->>'key' = ANY(among))
 $$;
 
-CREATE FUNCTION pgqr.record_results(writer text, results jsonb)
+-- `observations` are result_observations(results), picked out by the caller: reading them here from the results,
+-- QR images and all, cost a poll a sixth more database time.
+CREATE FUNCTION pgqr.record_results(writer text, results jsonb, observations jsonb)
 RETURNS TABLE (key text, written boolean, claim_held boolean, busy boolean, qr_updated boolean, outcome text,
                reason text)
 LANGUAGE plpgsql AS $$
@@ -530,8 +532,7 @@ DECLARE
     w          record;
 BEGIN
     IF statusless THEN
-        SELECT coalesce(jsonb_agg(o), '[]') INTO starting
-        FROM jsonb_array_elements(pgqr.result_observations(results, '{}', true)) o
+        SELECT coalesce(jsonb_agg(o), '[]') INTO starting FROM jsonb_array_elements(observations) o
         WHERE o->>'state' = 'connecting' AND o->>'source' = 'webhook';
         IF jsonb_array_length(starting) > 0 THEN
             skipped := ARRAY(SELECT pgqr.observe(writer, starting));
@@ -545,16 +546,25 @@ BEGIN
             unwritten := unwritten || w.key;
         END IF;
     END LOOP;
-    seen := pgqr.result_observations(results, unwritten, statusless);
+    SELECT coalesce(jsonb_agg(o), '[]') INTO seen FROM jsonb_array_elements(observations) o
+    WHERE statusless OR o->>'state' <> 'connecting' OR o->>'key' = ANY(unwritten);
     IF jsonb_array_length(seen) > 0 THEN
         skipped := skipped || ARRAY(SELECT pgqr.observe(writer, seen));
     END IF;
     -- a second row for its key, busy: the writer keeps the last row of a key
     RETURN QUERY SELECT DISTINCT k, false, false, true, false, 'event'::text, 'busy'::text
                  FROM unnest(skipped) k
-                 WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(results) r
-                               WHERE r->>'key' = k AND r->>'source' = 'webhook');
+                 WHERE EXISTS (SELECT 1 FROM jsonb_array_elements(observations) o
+                               WHERE o->>'key' = k AND o->>'source' = 'webhook');
 END
+$$;
+
+-- The same, picking the observations out of the results itself (for a person in psql, or a test).
+CREATE FUNCTION pgqr.record_results(writer text, results jsonb)
+RETURNS TABLE (key text, written boolean, claim_held boolean, busy boolean, qr_updated boolean, outcome text,
+               reason text)
+LANGUAGE sql AS $$
+    SELECT * FROM pgqr.record_results(writer, results, pgqr.result_observations(results))
 $$;
 
 -- The claim (0011's), also saying whether the call must first read connectionState: without a status column a
