@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, cast, get_args
 
 from . import db
-from .evolution import EvolutionClient, EvolutionState, Failure, InstanceList
+from .evolution import EvolutionClient, EvolutionState, Failure, InstanceList, display_url
 from .metrics import Metrics
 from .settings import Settings, reveal
 
@@ -83,7 +83,12 @@ class Sweep:
         listed_changes: list[Coroutine[Any, Any, None]] = []
         for base, targets in by_server.items():
             listed = await self._listing(base, global_key, len(targets)) if global_key else None
-            if listed is None:
+            if isinstance(listed, Failure):
+                # the server is down or failing: reading each row would fail as many times; next sweep
+                log.warning("sweep: fetchInstances at %s failed (%s); its rows are read next sweep",
+                            display_url(base), listed.error_class,
+                            extra={"action": "sweep_error", "error_class": listed.error_class})
+            elif listed is None:
                 one_by_one += targets
             else:
                 listed_changes.append(self._compare(targets, listed, spread))
@@ -91,17 +96,18 @@ class Sweep:
         await asyncio.gather(self._read_spread(one_by_one, spread), *listed_changes)
         await self._flush()
 
-    async def _listing(self, base: str, key: str, rows: int) -> InstanceList | None:
+    async def _listing(self, base: str, key: str, rows: int) -> InstanceList | Failure | None:
         """fetchInstances with the global key, with a reply limit sized to the rows on that server; None when
-        the key does not list every instance there (not a global key, or refused)."""
+        the key does not list every instance there (an instance's token, or refused: each row is read with its
+        own token then); the Failure when the server itself failed."""
         limit = max(self.settings.max_reply_bytes, LISTED_ROW_BYTES * rows)
         async with EvolutionClient(timeout=self.settings.http_timeout, max_reply_bytes=limit,
                                    concurrency=1) as client:
             self.metrics.sweep_calls.labels("fetchInstances").inc()
             listed = await client.fetch_instances(base, key)
-        if isinstance(listed, Failure) or listed.key_scope == "instance":
-            return None
-        return listed
+        if isinstance(listed, Failure):
+            return None if listed.error_class == "unauthorized" else listed
+        return None if listed.key_scope == "instance" else listed
 
     async def _compare(self, targets: list[db.Target], listed: InstanceList, spread: float) -> None:
         """A row listed as pgqr holds it is seen. One pgqr has never heard of takes the listed status (nothing acts

@@ -19,6 +19,7 @@ from test_adopt import SUPABASE, UPDATED_AT, rls_policies
 from test_page import CHROMIUM_ARGS, LINK_SECRET, SLOW, link, open_page
 
 from pgqr import db as pgqr_db
+from pgqr.devdb import free_port
 from pgqr.evolution import EvolutionClient
 from pgqr.metrics import Metrics
 from pgqr.settings import Secret
@@ -372,3 +373,21 @@ async def test_a_dropped_session_storm_from_the_simulator_writes_nothing(migrate
         await asyncio.sleep(0)
     assert status(env, "shop") == "connected"
     assert env.row("shop")["dropped_at"] is None
+
+
+async def test_a_server_that_fails_its_listing_is_not_read_row_by_row(migrated: Database,
+                                                                      simulator: Simulator) -> None:
+    env = connected_env(migrated, simulator)
+    for name in ("a", "b"):
+        env.add(name, sim_state="open", status="connected")
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: every call there fails with `network`
+    for url in (dead, simulator.base_url):
+        async with swept(env, evolution_api_url=Secret(url), evolution_api_key=Secret("not-the-global-key")) as s:
+            await s.sweep_once()
+        calls = {c: s.metrics.registry.get_sample_value("pgqr_sweep_calls_total", {"call": c}) or 0
+                 for c in ("fetchInstances", "connectionState")}
+        if url == dead:
+            assert calls == {"fetchInstances": 1, "connectionState": 0}
+        else:  # positive control: a key the server refuses is not a global key: each row is read with its token
+            assert calls == {"fetchInstances": 1, "connectionState": 2}
+    assert [env.row(n)["evolution_state"] for n in ("a", "b")] == ["open", "open"]
