@@ -73,7 +73,9 @@ def format_status(doc: dict[str, Any]) -> str:
         if i["last_error_class"]:
             outcome += f" ({i['last_error_class']})"
         rows.append((
-            i["instance_name"], i["status"], _age(i["qr_age_seconds"]),
+            # a table without a status column: Evolution's word stands in for it
+            i["instance_name"], i["status"] if i["status"] is not None else
+            f"evolution: {i.get('evolution_state') or 'unknown'}", _age(i["qr_age_seconds"]),
             _relative(now, i["qr_expires_at"]) if i["waiting"] else "-", _relative(now, i["last_attempt_at"]),
             outcome, str(i["consecutive_failures"]), _relative(now, i["next_attempt_at"]),
             i["lease_owner"] or "-",

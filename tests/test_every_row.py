@@ -122,6 +122,9 @@ async def test_a_statusless_table_binds_and_a_connecting_instance_gets_its_qr_an
         assert (health["waiting"], health["has_qr"], health["evolution_state"]) == (True, True, "connecting")
     after = app_row(env, "shop")
     assert after["version"] == before["version"] and after["updated_at"] == before["updated_at"]
+    shown = run_pgqr("status", env={"DATABASE_URL": db.dsn})
+    assert shown.returncode == 0, shown.stderr
+    assert any(line.startswith("shop") and "evolution: connecting" in line for line in shown.stdout.splitlines())
 
 
 async def test_a_statusless_row_learns_connecting_from_a_webhook_at_once(db: Database, simulator: Simulator) -> None:
