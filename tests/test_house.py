@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grimp
+import pytest
+
 from pgqr.cli import exit_status_table
 from pgqr.evolution import error_class_table
 from pgqr.settings import markdown_table
@@ -45,3 +48,41 @@ def test_no_module_is_over_450_lines() -> None:
     sizes = {p.relative_to(package).as_posix(): len(p.read_text().splitlines()) for p in package.rglob("*.py")}
     assert len(sizes) > 40 and max(sizes.values()) > 200  # it sees the modules (the check can fail)
     assert {module: lines for module, lines in sizes.items() if lines > 450} == {}
+
+
+def import_cycles(package: str) -> list[tuple[str, ...]]:
+    """Every import cycle among `package`'s modules, `TYPE_CHECKING` imports included, each once, as the chain
+    of modules from its smallest name back to it."""
+    graph = grimp.build_graph(package, include_external_packages=False, exclude_type_checking_imports=False,
+                              cache_dir=None)
+    cycles: set[tuple[str, ...]] = set()
+    for module in graph.modules:
+        for imported in graph.find_modules_directly_imported_by(module):
+            chain = graph.find_shortest_chain(importer=imported, imported=module)
+            if chain is not None:
+                loop = (module, *chain[:-1])
+                start = loop.index(min(loop))
+                cycles.add(loop[start:] + loop[:start] + (loop[start],))
+    return sorted(cycles)
+
+
+def test_no_module_of_pgqr_reaches_itself_through_its_imports() -> None:
+    """No import cycle, not even one only a type checker follows: a cycle means two modules are one job."""
+    cycles = [" -> ".join(cycle) for cycle in import_cycles("pgqr")]
+    assert cycles == [], "import cycles (break each with a Protocol or a narrow callable):\n" + "\n".join(cycles)
+
+
+def test_the_cycle_check_finds_a_type_only_cycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check can fail: a package whose modules import each other, one of them only under TYPE_CHECKING (the
+    shape the simulator's server and routes once had), is reported with its chain."""
+    package = tmp_path / "cyclic_house"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "server.py").write_text("from . import routes\n")
+    (package / "routes.py").write_text("from typing import TYPE_CHECKING\n\n"
+                                       "if TYPE_CHECKING:\n    from .server import Server\n")
+    (package / "config.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_cycles("cyclic_house") == [
+        ("cyclic_house.routes", "cyclic_house.server", "cyclic_house.routes"),
+    ]
