@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +42,21 @@ def test_the_import_boundaries_hold() -> None:
                             cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:]
     assert "Contracts: 3 kept, 0 broken." in result.stdout
+
+
+def test_the_layers_catch_a_runtime_module_that_imports_the_simulator(tmp_path: Path) -> None:
+    """The contracts can fail: in a copy of pgqr where the engine (which the composition root imports, and which
+    no contract names) imports the simulator, lint-imports reports the chain from pgqr.service."""
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "pgqr", tmp_path / "pgqr", ignore=shutil.ignore_patterns("__pycache__"))
+    with (tmp_path / "pgqr" / "engine.py").open("a") as engine:
+        engine.write("\nimport pgqr.simulator  # noqa\n")
+    result = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache",
+                             str(root / "pyproject.toml")], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "pgqr.service is not allowed to import pgqr.simulator" in result.stdout
+    assert "pgqr.service -> pgqr.engine" in result.stdout
 
 
 def test_no_module_is_over_450_lines() -> None:
