@@ -9,14 +9,15 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import pytest
@@ -146,19 +147,42 @@ async def wait_until(predicate: Callable[[], object], timeout: float = 5.0, what
     return time.monotonic() - started
 
 
+class ObservedWake(asyncio.Event):
+    """The service's wake-up event, which only the engine waits on: `sleeping` counts the engine's waits on it,
+    so the engine is asleep, every pass it was asked for run to its end, while it is waited on and not set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeping = 0
+
+    async def wait(self) -> Literal[True]:
+        self.sleeping += 1
+        try:
+            return await super().wait()
+        finally:
+            self.sleeping -= 1
+
+
+def engine_asleep(service: Service) -> bool:
+    wake = service.wake
+    assert isinstance(wake, ObservedWake), "settled() needs a service started by running_service()"
+    return wake.sleeping > 0 and not wake.is_set()
+
+
 async def settled(service: Service) -> None:
-    """Wait until nothing is due now, no lease is held and no call is in flight (judged from the database and
-    /metrics' gauge source), so no poll explains what follows."""
+    """Wait until the engine is asleep with no wake-up pending (its start-up catch-up included), no call is in
+    flight, and in the database every waiting row is scheduled, none is due now and no lease is held, so no poll
+    explains what follows. One look suffices: it blocks the event loop, so the engine cannot move while it looks,
+    and a claim or write-back in progress shows as a due row or a held lease until it commits."""
     dsn = service.settings.dsn
 
     def quiet() -> bool:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT count(*) FROM pgqr.instance_state JOIN pgqr.schedule USING (key) "
-                               "WHERE waiting AND (due_at <= now() OR lease_owner IS NOT NULL)").fetchone()
-        return row == (0,) and not service.engine.in_flight
+            row = conn.execute("SELECT count(*) FROM pgqr.instance_state s LEFT JOIN pgqr.schedule q USING (key) "
+                               "WHERE s.waiting AND (q.key IS NULL OR q.due_at <= now() "
+                               "OR q.lease_owner IS NOT NULL)").fetchone()
+        return row == (0,) and not service.engine.in_flight and engine_asleep(service)
 
-    await wait_until(quiet, 15, "the service to settle")
-    await asyncio.sleep(0.2)
     await wait_until(quiet, 15, "the service to settle")
 
 
@@ -166,6 +190,7 @@ async def settled(service: Service) -> None:
 async def running_service(settings: Settings) -> AsyncIterator[Service]:
     """A Service in this event loop, listening; stopped (gracefully) on exit."""
     service = Service(settings)
+    service.wake = ObservedWake()
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     await wait_until(lambda: service.listener.listening.is_set() or task.done(), 10, "the listener to LISTEN")
@@ -178,19 +203,43 @@ async def running_service(settings: Settings) -> AsyncIterator[Service]:
         await asyncio.wait_for(task, 20)
 
 
+MARKER_CHANNEL = "pgqr_test_marker"
+
+
 @asynccontextmanager
-async def notifications(dsn: str, channel: str) -> AsyncIterator[Callable[[float], Any]]:
-    """LISTEN on channel; yields `collect(timeout)` returning the JSON payloads received so far."""
+async def notifications(dsn: str, channel: str) -> AsyncIterator[Callable[[], Awaitable[list[dict[str, Any]]]]]:
+    """LISTEN on channel; yields `collect()`: the JSON payloads of every notification on it committed before the
+    call and not collected yet. collect() NOTIFYs a marker and reads until it arrives: a session gets
+    notifications in the order their transactions committed, so all of those came before it."""
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     await conn.execute(f"LISTEN {channel}")
+    await conn.execute(f"LISTEN {MARKER_CHANNEL}")
 
-    async def collect(timeout: float = 0.5) -> list[dict[str, Any]]:
-        return [json.loads(n.payload) async for n in conn.notifies(timeout=timeout)]
+    async def collect(timeout: float = 30.0) -> list[dict[str, Any]]:
+        token = secrets.token_hex(8)
+        await conn.execute("SELECT pg_notify(%s, %s)", (MARKER_CHANNEL, token))
+        payloads: list[dict[str, Any]] = []
+        async for n in conn.notifies(timeout=timeout):
+            if n.channel == MARKER_CHANNEL and n.payload == token:
+                return payloads
+            if n.channel == channel:
+                payloads.append(json.loads(n.payload))
+        raise AssertionError(f"our own marker notification did not come back within {timeout}s")
 
     try:
         yield collect
     finally:
         await conn.close()
+
+
+async def caught_up(db: Database, *services: Service) -> None:
+    """Wait until each service's listener has handled every notification committed before the call: a NOTIFY
+    pgqr_refresh sent now reaches it after them, and counts a wake-up in its /metrics."""
+    before = [metric(s, "pgqr_wakeups_total", source="notify") for s in services]
+    db.query("SELECT pg_notify('pgqr_refresh', '')")
+    await wait_until(lambda: all(metric(s, "pgqr_wakeups_total", source="notify") > b
+                                 for s, b in zip(services, before, strict=True)), 10,
+                     "every listener to catch up on notifications")
 
 
 async def start_pgqr(env: dict[str, str], output: Path, *args: str,

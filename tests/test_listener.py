@@ -48,9 +48,10 @@ def terminate_listener(db: Database) -> int:
 
 async def test_a_tick_notifies_the_listener_which_refreshes_the_instance(env: Env) -> None:
     async with running_service(env.settings(**QUIET)) as service:
-        await settled(service)
-        env.add("shop", triggers=False)
-        await asyncio.sleep(0.3)
+        await settled(service)  # the engine asleep, no wake-up pending
+        async with notifications(env.db.dsn, "pgqr_refresh") as wakeups:
+            env.add("shop", triggers=False)
+            assert await wakeups() == []  # every wake-up the insert sent has arrived by now: none
         assert not env.has_qr("shop")  # nothing but a wake-up would refresh it
         env.tick()
         await wait_until(lambda: env.has_qr("shop"), 10, "the ticked refresh")
@@ -72,12 +73,12 @@ async def test_the_trigger_wakes_listeners_with_the_key_never_the_name(env: Env)
     long_name = "shop-" + "x" * 9000  # a name in the payload would fail the app's INSERT (8000 bytes at most)
     async with notifications(env.db.dsn, "pgqr_refresh") as collect:
         env.add(long_name, sim_state=None)
-        payloads = await collect(0.5)
+        payloads = await collect()
     assert payloads == [{"reason": "waiting", "key": str(env.row(long_name)["id"])}]
     # positive control: a row that is not waiting wakes nobody
     async with notifications(env.db.dsn, "pgqr_refresh") as collect:
         env.add("linked", sim_state=None, status="connected")
-        assert await collect(0.5) == []
+        assert await collect() == []
 
 
 async def test_the_fallback_timer_refreshes_without_any_notification(env: Env) -> None:

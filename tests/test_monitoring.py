@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -40,12 +41,16 @@ def add_instance(db: Database, name: str, *, status: str = "connecting", waiting
         mark_qr(db, name, f"-{qr_ago}")
 
 
+MARKER = "pgqr_test_marker"
+
+
 class Alerts:
     """check_alerts() on a connection that also LISTENs on pgqr_alert and keeps WARNINGs."""
 
     def __init__(self, db: Database) -> None:
         self.conn = psycopg.connect(db.dsn, autocommit=True)
         self.conn.execute("LISTEN pgqr_alert")
+        self.conn.execute(f"LISTEN {MARKER}")
         self.warnings: list[str] = []
         self.conn.add_notice_handler(
             lambda d: self.warnings.append(d.message_primary or "") if d.severity_nonlocalized == "WARNING"
@@ -57,7 +62,17 @@ class Alerts:
         return {r[0]: {"state": r[1], "count": r[2], "detail": r[3], "changed": r[4]} for r in rows}
 
     def notified(self) -> list[dict[str, Any]]:
-        return [json.loads(n.payload) for n in self.conn.notifies(timeout=0.2)]
+        """The pgqr_alert payloads committed before the call and not read yet: a marker NOTIFY sent now arrives
+        after all of them (a session gets notifications in commit order), so no fixed wait decides "none"."""
+        token = secrets.token_hex(8)
+        self.conn.execute("SELECT pg_notify(%s, %s)", (MARKER, token))
+        payloads: list[dict[str, Any]] = []
+        for n in self.conn.notifies(timeout=30):
+            if n.channel == MARKER and n.payload == token:
+                return payloads
+            if n.channel == "pgqr_alert":
+                payloads.append(json.loads(n.payload))
+        raise AssertionError("our own marker notification did not come back within 30s")
 
     def close(self) -> None:
         self.conn.close()

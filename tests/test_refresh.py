@@ -22,7 +22,7 @@ async def test_a_new_qr_is_stored_logged_and_announced_without_the_image_or_toke
     token = env.add("shop")
     async with notifications(env.db.dsn, "pgqr_qr_updated") as collect:
         summary = await env.reconcile()
-        payloads = await collect(0.5)
+        payloads = await collect()
     row = env.row("shop")
     assert str(row["qr_code"]).startswith("data:image/png;base64,")
     assert row["last_qr_update"] is not None
@@ -43,7 +43,7 @@ async def test_an_unchanged_qr_is_not_rewritten_or_announced(env: Env) -> None:
     env.make_due("shop")
     async with notifications(env.db.dsn, "pgqr_qr_updated") as collect:
         summary = await env.reconcile()
-        assert await collect(0.3) == []
+        assert await collect() == []
     second = env.row("shop")
     assert second["qr_code"] == first["qr_code"]
     assert second["last_qr_update"] == first["last_qr_update"]  # only a new QR moves it
@@ -84,7 +84,7 @@ async def test_open_marks_the_instance_connected_and_clears_the_qr(env: Env) -> 
     env.db.query("UPDATE public.evolution_instances SET pairing_code = 'WZYEH1YY' WHERE instance_name = 'linked'")
     async with notifications(env.db.dsn, "pgqr_qr_updated") as collect:
         summary = await env.reconcile()
-        payloads = await collect(0.5)
+        payloads = await collect()
     row = env.row("linked")
     assert (row["instance_status"], row["qr_code"], row["pairing_code"]) == ("connected", None, None)
     assert [r.outcome for r in summary.results] == ["connected"]

@@ -275,7 +275,7 @@ async def test_an_open_connection_update_marks_connected_clears_the_qr_and_notif
     async with notifications(env.db.dsn, "pgqr_qr_updated") as collect:
         env.sim.scan("shop")
         await wait_until(lambda: env.row("shop")["instance_status"] == "connected", 5, "the open webhook")
-        payloads = await collect(0.3)
+        payloads = await collect()
     row = env.row("shop")
     assert (row["qr_code"], row["pairing_code"]) == (None, None)
     assert [(p["key"], p["event"]) for p in payloads] == [(str(row["id"]), "connected")]
@@ -375,7 +375,7 @@ async def test_an_unknown_instance_is_404_and_writes_no_row_anywhere(env: Env, h
             "event": "connection.update", "instance": "nobody", "data": {"instance": "nobody", "state": "open"}})
         await refused(env, hooked, 404, "unknown_instance", header_url(hooked), qr_envelope("nobody"),
                       headers={tokens.HEADER: tokens.derive(SECRET, "nobody")})
-        assert await collect(0.3) == []
+        assert await collect() == []
     assert env.db.query(snapshot) == before
     assert env.db.value("SELECT count(*) FROM public.evolution_instances") == 1
     assert env.db.value("SELECT count(*) FROM pgqr.instance_state") == 1
@@ -519,8 +519,13 @@ async def test_the_access_log_shows_the_route_and_status_never_the_raw_path(
         writer.close()
         assert reply.split(b" ", 2)[1] == str(status).encode(), raw
     assert (await post(base + f"/webhooks/evolution/{SECRET}", data=b"nope"))[0] == 400
-    await asyncio.sleep(0.1)  # the access log is written after the reply
-    records = [r for r in caplog.records if r.name == "pgqr.web.access" and "metrics" not in r.getMessage()]
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "pgqr.web.access" and "metrics" not in r.getMessage()]
+
+    # the access log is written after the reply: wait for the last request's line
+    await wait_until(lambda: len(logged()) >= len(raw_paths) + 1, 10, "the access log of every request")
+    records = logged()
     assert [r.status for r in records] == [s for _, s in raw_paths] + [400]  # type: ignore[attr-defined]
     paths = {r.path for r in records}  # type: ignore[attr-defined]
     assert paths == {"/webhooks/evolution/{first}", "/webhooks/evolution/{first}/{second}", "/webhooks/evolution",
@@ -546,7 +551,7 @@ async def test_a_webhook_qr_newer_than_a_polls_claim_survives_the_polls_late_wri
             late = conn.execute("SELECT * FROM pgqr.record_results('slow-poller', %s::jsonb)", (json.dumps([{
                 "key": key, "source": "poll", "outcome": "qr", "qr": "data:image/png;base64,FROM-POLL",
                 "md5": "poll-md5", "http_status": 200, "claim_id": claimed["claim_id"]}]),)).fetchall()
-        payloads = await collect(0.3)
+        payloads = await collect()
     assert [(r["written"], r["qr_updated"]) for r in late] == [(True, False)]
     row = env.row("shop")
     assert row["qr_code"] == webhook_qr
