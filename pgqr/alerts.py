@@ -81,8 +81,14 @@ class AlertForwarder:
         self._held: db.Delivery | None = None  # claimed, not yet finished
         self._held_outcome: tuple[db.DeliveryOutcome, str | None] = ("released", None)  # what close() reports for it
         self._db_failures = 0
+        self._asleep = False  # between passes, waiting for a wake-up or the timer
         self.delivered = 0
         self.failed = 0
+
+    @property
+    def idle(self) -> bool:
+        """Asleep with no wake-up pending: every pass asked for so far has run to its end."""
+        return self._asleep and not self._wakeup.is_set()
 
     def wake(self) -> None:
         """Look for undelivered alerts soon. Never blocks, never raises; wake-ups coalesce."""
@@ -124,8 +130,12 @@ class AlertForwarder:
             sleep = await self._pass()
             if self._closing:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=sleep)
+            self._asleep = True
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=sleep)
+            finally:
+                self._asleep = False
 
     async def _pass(self) -> float:
         """Deliver until nothing is claimable; returns how long to sleep before looking again."""

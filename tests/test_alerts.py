@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import Database, mark_qr
-from service_fixtures import Env, running_service, settled, wait_until
+from service_fixtures import Env, caught_up, running_service, settled, wait_until
 from sim_fixtures import serve
 
 from pgqr import db
 from pgqr.alerts import AlertForwarder, safe_origin
 from pgqr.devdb import free_port
+from pgqr.service import Service
 from pgqr.settings import Secret
 from pgqr.simulator import Simulator
 
@@ -113,6 +114,15 @@ def stale_qr(received: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     return [(a["rule"], a["state"], a["count"]) for a in received if a["rule"] == "stale_qr"]
 
 
+async def forwarders_done(db: Database, *services: Service) -> None:
+    """Wait until each service's listener has handled every notification sent so far (each pgqr_alert one wakes
+    its forwarder) and each forwarder has run every pass asked of it: only then can it be said that nothing
+    more is delivered."""
+    await caught_up(db, *services)
+    forwarders = [s.alerts for s in services]
+    await wait_until(lambda: all(f is not None and f.idle for f in forwarders), what="the forwarders' passes")
+
+
 # ------------------------------------------------------------------------------------------ the outbox in SQL
 
 
@@ -166,7 +176,8 @@ async def test_two_forwarders_on_one_database_post_each_transition_exactly_once(
             for f in forwarders:
                 f.wake()
             await receiver.wait_for(2)
-            await asyncio.sleep(0.2)  # room for a wrong third delivery to show up
+            # a wrong third delivery would come from a pass still running or still to run: wait for them all
+            await wait_until(lambda: all(f.idle for f in forwarders), what="both forwarders' last passes")
         finally:
             for f in forwarders:
                 await f.close(grace=1)
@@ -231,7 +242,7 @@ async def test_a_failed_round_is_released_and_the_next_round_delivers_it_once(
     await wait_until(lambda: deliveries(quiet)[0]["last_error"], what="the failed round")
     assert (deliveries(quiet)[0]["lease_owner"], len(receiver.content_types)) == (None, 1)
     await receiver.wait_for(1, 10)  # no wake-up: the forwarder looks again when the retry is due
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: forwarder.idle, what="the pass that delivered it to end")
     await forwarder.close()
     assert stale_qr(receiver.received) == [("stale_qr", "firing", 1)]
     assert (forwarder.delivered, forwarder.failed) == (1, 1)
@@ -250,7 +261,7 @@ async def test_a_delivery_is_given_up_after_the_attempt_cap_and_no_longer_blocks
     resolve(quiet)
     forwarder.wake()
     await receiver.wait_for(1)
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: forwarder.idle, what="the pass that delivered it to end")
     await forwarder.close()
     assert stale_qr(receiver.received) == [("stale_qr", "resolved", 0)]
     rows = deliveries(quiet)
@@ -305,7 +316,7 @@ async def test_two_replicas_of_pgqr_run_deliver_one_firing_and_one_resolved(
 ) -> None:
     env = Env(quiet, simulator)
     settings = env.settings(alert_webhook_url=Secret(receiver.url))
-    async with running_service(settings), running_service(settings):
+    async with running_service(settings) as one, running_service(settings) as two:
         env.add("waiting", sim_state=None, triggers=False)
         quiet.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '10 minutes'")
         quiet.query("SELECT pgqr.check_alerts()")
@@ -313,7 +324,8 @@ async def test_two_replicas_of_pgqr_run_deliver_one_firing_and_one_resolved(
         quiet.query("UPDATE public.evolution_instances SET instance_status = 'connected'")
         quiet.query("SELECT pgqr.check_alerts()")
         await receiver.wait_for(2)
-        await asyncio.sleep(0.3)  # room for a duplicate to show up
+        # a duplicate would come from a pass either replica runs for a notification: wait for them all
+        await forwarders_done(quiet, one, two)
     assert stale_qr(receiver.received) == [("stale_qr", "firing", 1), ("stale_qr", "resolved", 0)]
     assert len(receiver.content_types) == len(receiver.received)  # every POST was a first one
 
@@ -324,12 +336,12 @@ async def test_no_listener_fired_while_none_ran_is_delivered_when_one_starts(
     quiet.query("UPDATE pgqr.migrations SET applied_at = now() - interval '1 hour'")  # no grace left
     quiet.query("SELECT * FROM pgqr.check_alerts()")  # its NOTIFY reaches nobody
     env = Env(quiet, simulator)
-    async with running_service(env.settings(alert_webhook_url=Secret(receiver.url))):
+    async with running_service(env.settings(alert_webhook_url=Secret(receiver.url))) as service:
         await wait_until(lambda: quiet.value("SELECT count(*) FROM pgqr.listeners WHERE live"), what="a heartbeat")
         quiet.query("SELECT * FROM pgqr.check_alerts()")
         await wait_until(lambda: ("no_listener", "resolved") in [(a["rule"], a["state"]) for a in receiver.received],
                          what="the resolved no_listener")
-        await asyncio.sleep(0.2)
+        await forwarders_done(quiet, service)
     rules = [(a["rule"], a["state"]) for a in receiver.received]
     assert [r for r in rules if r[0] == "no_listener"] == [("no_listener", "firing"), ("no_listener", "resolved")]
     assert len(rules) == len(set(rules))  # the others (pg_cron is paused: ticks_not_firing) once each too
@@ -362,7 +374,7 @@ async def test_a_forged_pgqr_alert_notification_delivers_nothing(
         await settled(service)
         quiet.query("""NOTIFY pgqr_alert, '{"rule": "fake", "state": "firing", "detail": "pay me"}'""")
         quiet.query("SELECT pg_notify('pgqr_alert', 'not json')")
-        await asyncio.sleep(0.5)
+        await forwarders_done(quiet, service)  # the notifications woke it, and its passes are over
     assert receiver.content_types == [] and receiver.received == []
 
 
@@ -378,7 +390,7 @@ async def test_an_endpoint_failing_then_recovering_gets_the_alert_once(
         quiet.query("UPDATE pgqr.instance_state SET connecting_since = now() - interval '10 minutes'")
         quiet.query("SELECT pgqr.check_alerts()")
         await receiver.wait_for(1)
-        await asyncio.sleep(0.3)
+        await forwarders_done(quiet, service)
     assert stale_qr(receiver.received) == [("stale_qr", "firing", 1)]
     assert len(receiver.content_types) == 3
     assert [(d["attempts"], d["delivered"]) for d in deliveries(quiet)] == [(1, True)]
