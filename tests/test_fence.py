@@ -282,7 +282,10 @@ async def test_a_full_write_back_buffer_makes_put_wait_instead_of_growing(env: E
         first = await writer.put(event)
         second = await writer.put(db.Result(key=key, source="webhook", outcome="event", evolution_state="close"))
         third = asyncio.create_task(writer.put(event))
-        await asyncio.sleep(0.5)
+        # the first write-back is in the database, waiting for the lock: nothing leaves the buffer before it ends
+        await wait_until(lambda: env.db.value(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
+            "AND query LIKE '%%record_results%%'"), 10, "the write-back to wait for the lock")
         assert not third.done()  # two results buffered: the third waits for room
         await blocker.commit()
         await asyncio.wait_for(third, 30)
@@ -295,6 +298,7 @@ async def test_a_full_write_back_buffer_makes_put_wait_instead_of_growing(env: E
 
 
 def test_a_leased_row_is_not_at_the_head_of_the_due_index(env: Env) -> None:
+    env.db.pause_cron()  # a tick or an alert check between the two readings of the scan counts scans the schedule
     env.add("leased", sim_state=None)
     env.add("later", sim_state=None)
     env.db.query("UPDATE pgqr.schedule SET due_at = now() + interval '10 seconds' "

@@ -387,10 +387,17 @@ async def test_200_open_streams_cost_no_database_connection(env: Env, sidecar: S
         return int(env.db.value("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                                 "AND application_name LIKE 'pgqr%%'") or 0)
 
+    def held() -> int | None:
+        """The connections the service holds by its own count: its LISTEN one and its pool's (open, lent or being
+        opened); None while a request waits for one, which may open another."""
+        stats = sidecar.pool._pool.get_stats()
+        return None if stats["requests_waiting"] else stats["pool_size"] + 1
+
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         first = await open_stream(http, link(sidecar, key))
         await first.next_state()
-        await asyncio.sleep(1.0)
+        # the database sees every connection the service holds, and none is on its way
+        await wait_until(lambda: connections() == held(), 10, "the service's connections, all open")
         before = connections()
         streams = await asyncio.gather(*(open_stream(http, link(sidecar, key)) for _ in range(200)))
         states = await asyncio.gather(*(s.next_state() for s in streams))
