@@ -193,6 +193,9 @@ class Observation:
     source: Literal["sweep", "webhook", "poll"] = "sweep"
     checked: bool = False
     reason: str | None = None
+    # a sweep's read applies only while pgqr still holds the state it was decided on (`expected`)
+    expect: bool = False
+    expected: str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,7 @@ async def sweep_rows(pool: Pool) -> list[Target]:
 
 async def drops_to_confirm(pool: Pool, limit: int = 100) -> list[Target]:
     rows: list[Target] = await pool.rows(
-        Target, "SELECT *, NULL::text AS evolution_state FROM pgqr.drops_to_confirm(%s)", (limit,))
+        Target, "SELECT * FROM pgqr.drops_to_confirm(%s)", (limit,))
     return rows
 
 
@@ -232,7 +235,8 @@ async def dropped(pool: Pool) -> int:
     """Connected instances that dropped within the connections_dropped alert's window (what that rule counts)."""
     return int(await pool.value(
         "SELECT count(*) FROM pgqr.instance_state "
-        "WHERE dropped_at >= now() - pgqr.setting('alert_dropped_window')::interval") or 0)
+        "WHERE dropped_at IS NOT NULL AND dropped_at >= now() - pgqr.setting('alert_dropped_window')::interval")
+        or 0)
 
 
 async def sweep_seconds(pool: Pool) -> float:

@@ -99,7 +99,10 @@ def to_result(claimed: db.Claimed, reply: Reply | Closed) -> db.Result:
         return db.Result(outcome="no_qr", qr_count=outcome.count, http_status=outcome.http_status, **common)
     if isinstance(outcome, Connected):
         return db.Result(outcome="connected", http_status=outcome.http_status, evolution_state="open", **common)
-    return db.Result(outcome="failed", http_status=outcome.http_status, error_class=outcome.error_class, **common)
+    # a row without a status column waits on Evolution's word: an instance Evolution no longer has is its word too
+    gone = claimed.guarded and outcome.error_class == "not_found"
+    return db.Result(outcome="failed", http_status=outcome.http_status, error_class=outcome.error_class,
+                     evolution_state="not_found" if gone else None, **common)
 
 
 def bad_reply(result: db.Result) -> db.Result | None:

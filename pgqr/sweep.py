@@ -18,9 +18,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Callable, Coroutine
-from typing import Any, cast, get_args
+from collections.abc import Callable
+from typing import cast, get_args
 
 from . import db
 from .evolution import EvolutionClient, EvolutionState, Failure, InstanceList, display_url
@@ -32,6 +31,7 @@ log = logging.getLogger("pgqr.sweep")
 CONFIRM_SECONDS = 2.0      # how often pending drops are looked for
 RETRY_CONFIRM_SECONDS = 30.0  # a confirming read that failed is not repeated sooner
 FLUSH_EVERY = 200          # observations per pgqr.observe call
+FLUSH_SECONDS = 1.0        # and at least this often while reads come in
 CONCURRENCY = 10           # reads in flight
 LISTED_ROW_BYTES = 8192    # fetchInstances' reply per instance (a row with its settings is about 2 KB)
 STATES = frozenset(get_args(db.StateName))
@@ -55,6 +55,7 @@ class Sweep:
         self.owner = owner
         self.metrics = metrics
         self._pending: list[db.Observation] = []
+        self._flushed_at = time.monotonic()
         self._confirmed_at: dict[str, float] = {}
 
     # -- the periodic sweep -------------------------------------------------------------------------------
@@ -73,57 +74,60 @@ class Sweep:
     async def sweep_once(self, spread: float = 0.0) -> None:
         """Read every row that is not waiting; the one-by-one reads spread over `spread` seconds."""
         rows = await db.sweep_rows(self.pool)
-        by_server: dict[str, list[db.Target]] = defaultdict(list)
+        home = (self.settings.default_evolution_url or "").rstrip("/")
+        global_key = reveal(self.settings.evolution_api_key)
+        listed_rows: list[db.Target] = []
+        one_by_one: list[db.Target] = []
         for row in rows:
             base, key = self.settings.evolution_for(row.url, row.token)
-            if base and key:
-                by_server[base].append(row)
-        one_by_one: list[db.Target] = []
-        global_key = reveal(self.settings.evolution_api_key)
-        listed_changes: list[Coroutine[Any, Any, None]] = []
-        for base, targets in by_server.items():
-            listed = await self._listing(base, global_key, len(targets)) if global_key else None
+            if not base or not key:
+                continue
+            # the global key goes only to EVOLUTION_API_URL's server, never to a URL a row names (the app's users
+            # may write those): elsewhere each row is read with the key the engine would send it
+            (listed_rows if global_key and base.rstrip("/") == home else one_by_one).append(row)
+        if listed_rows:
+            assert global_key is not None
+            listed = await self._listing(home, global_key, len(listed_rows))
             if isinstance(listed, Failure):
                 # the server is down or failing: reading each row would fail as many times; next sweep
                 log.warning("sweep: fetchInstances at %s failed (%s); its rows are read next sweep",
-                            display_url(base), listed.error_class,
+                            display_url(home), listed.error_class,
                             extra={"action": "sweep_error", "error_class": listed.error_class})
             elif listed is None:
-                one_by_one += targets
+                one_by_one += listed_rows
             else:
-                listed_changes.append(self._compare(targets, listed, spread))
+                one_by_one += self._compare(listed_rows, listed)
         await self._flush()
-        await asyncio.gather(self._read_spread(one_by_one, spread), *listed_changes)
+        await self._read_spread(one_by_one, spread)
         await self._flush()
 
     async def _listing(self, base: str, key: str, rows: int) -> InstanceList | Failure | None:
         """fetchInstances with the global key, with a reply limit sized to the rows on that server; None when
-        the key does not list every instance there (an instance's token, or refused: each row is read with its
-        own token then); the Failure when the server itself failed."""
+        it does not list every instance there (an instance's token, a refusal, a reply too large to read or not
+        understood): each row is read with its own key then; the Failure when the server itself failed."""
         limit = max(self.settings.max_reply_bytes, LISTED_ROW_BYTES * rows)
         async with EvolutionClient(timeout=self.settings.http_timeout, max_reply_bytes=limit,
                                    concurrency=1) as client:
             self.metrics.sweep_calls.labels("fetchInstances").inc()
             listed = await client.fetch_instances(base, key)
         if isinstance(listed, Failure):
-            return None if listed.error_class == "unauthorized" else listed
+            return None if listed.error_class in ("unauthorized", "too_large", "bad_reply") else listed
         return None if listed.key_scope == "instance" else listed
 
-    async def _compare(self, targets: list[db.Target], listed: InstanceList, spread: float) -> None:
-        """A row listed as pgqr holds it is seen. One pgqr has never heard of takes the listed status (nothing acts
-        on it unread: a drop and a poll without a status column both read connectionState first). A change from
-        what pgqr holds is read from Evolution's memory first, spread over the period."""
+    def _compare(self, targets: list[db.Target], listed: InstanceList) -> list[db.Target]:
+        """A row listed as pgqr holds it is seen; one pgqr has never heard of takes the listed status (nothing acts
+        on it unread: a drop and a poll without a status column both read connectionState first). Returns the
+        rows whose listed status differs from what pgqr holds: they are read from Evolution's memory."""
         status = {row.name: row.connection_status for row in listed.rows}
         changed: list[db.Target] = []
         for t in targets:
             said = status.get(t.name, "not_found")
-            if said not in STATES:
-                changed.append(t)
-            elif t.evolution_state is None or said == t.evolution_state:
-                self._observed(db.Observation(t.key, cast(db.StateName, said)))
+            if said in STATES and (t.evolution_state is None or said == t.evolution_state):
+                self._observed(db.Observation(t.key, cast(db.StateName, said), expect=True,
+                                              expected=t.evolution_state))
             else:
                 changed.append(t)
-        await self._read_spread(changed, spread)
+        return changed
 
     async def _read_spread(self, targets: list[db.Target], spread: float) -> None:
         gap = spread / len(targets) if targets else 0.0
@@ -139,8 +143,6 @@ class Sweep:
             task.add_done_callback(lambda _t: limit.release())
             running.add(task)
             task.add_done_callback(running.discard)
-            if len(self._pending) >= FLUSH_EVERY:
-                await self._flush()
         await asyncio.gather(*running)
 
     async def _read(self, t: db.Target) -> None:
@@ -154,12 +156,15 @@ class Sweep:
             log.exception("reading the state of %s crashed", t.name, extra={"action": "sweep_error"})
             return
         if state is not None:
-            self._observed(db.Observation(t.key, state, checked=True))
+            self._observed(db.Observation(t.key, state, checked=True, expect=True, expected=t.evolution_state))
+        if len(self._pending) >= FLUSH_EVERY or time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
+            await self._flush()  # saved soon after it was read: a later word from Evolution must not be older
 
     def _observed(self, o: db.Observation) -> None:
         self._pending.append(o)
 
     async def _flush(self) -> None:
+        self._flushed_at = time.monotonic()
         while self._pending:
             batch, self._pending = self._pending[:FLUSH_EVERY], self._pending[FLUSH_EVERY:]
             held = await db.observe(self.pool, self.owner, batch)

@@ -32,6 +32,8 @@ ALTER TABLE pgqr.instance_state
 COMMENT ON COLUMN pgqr.instance_state.evolution_state IS 'open | connecting | close | not_found, as last observed';
 CREATE INDEX instance_state_drops_idx ON pgqr.instance_state (drop_pending_since)
     WHERE drop_pending_since IS NOT NULL AND dropped_at IS NULL;
+-- what the connections_dropped rule and the /metrics gauge count: a few rows, never a scan of all of them
+CREATE INDEX instance_state_dropped_idx ON pgqr.instance_state (dropped_at) WHERE dropped_at IS NOT NULL;
 
 ALTER TABLE pgqr.schedule
     ADD COLUMN state_seen_at    timestamptz,  -- the last observation that agreed with the state held
@@ -338,7 +340,7 @@ $gen$;
 CREATE FUNCTION pgqr.server_label(url text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN coalesce(url, '') = '' THEN 'EVOLUTION_API_URL'
-                ELSE regexp_replace(url, '^\s*([A-Za-z][A-Za-z0-9+.-]*://)?([^@/?#]*@)?([^/?#]*).*$', '\1\3') END
+                ELSE regexp_replace(url, '^\s*([A-Za-z][A-Za-z0-9+.-]*://)?([^/?#]*@)?([^/?#]*).*$', '\1\3') END
 $$;
 
 -- Evolution servers on which every bound row is not found: a wrong base URL or the wrong Evolution, not as many
@@ -378,12 +380,15 @@ BEGIN
                                     + CASE WHEN s.evolution_reason IN ('logged_out', 'deleted') THEN '0'::interval
                                            ELSE hold END
         ORDER BY s.key);
-    -- not found is a drop only where the same server still knows another row
+    -- not found is a drop only where the same server was seen to know another row since (a deleted instance, which
+    -- Evolution said so of, needs no such proof)
     due := ARRAY(
         SELECT a.key FROM pgqr.app_rows(due) a JOIN pgqr.instance_state s ON s.key = a.key
-        WHERE s.evolution_state <> 'not_found' OR EXISTS (
+        WHERE s.evolution_state <> 'not_found' OR s.evolution_reason = 'deleted' OR EXISTS (
             SELECT 1 FROM pgqr.app_instances o JOIN pgqr.instance_state os ON os.key = o.key
-            WHERE coalesce(o.url, '') = coalesce(a.url, '') AND os.evolution_state IN ('open', 'connecting', 'close')));
+            JOIN pgqr.schedule oq ON oq.key = o.key
+            WHERE coalesce(o.url, '') = coalesce(a.url, '') AND os.evolution_state IN ('open', 'connecting', 'close')
+              AND oq.state_seen_at >= s.evolution_state_at));
     IF cardinality(due) = 0 THEN
         RETURN;
     END IF;
@@ -393,7 +398,9 @@ BEGIN
         SELECT coalesce(array_agg(f.key), '{}'), coalesce(array_agg(f.detail), '{}') INTO refused, details
         FROM pgqr.app_write_each(ARRAY(SELECT ROW(k, 'disconnected', NULL, NULL, NULL, NULL)::pgqr.app_write
                                        FROM unnest(locked) k)) f;
-        -- held by the app: confirmed again on the next read
+        -- held by the app: read and confirmed again soon (pgqr.drops_to_confirm offers it once more)
+        UPDATE pgqr.schedule q SET state_checked_at = NULL
+         WHERE q.key = ANY(still) AND NOT q.key = ANY(locked);
         due := ARRAY(SELECT k FROM unnest(due) k WHERE NOT (k = ANY(still) AND NOT k = ANY(locked)));
     END IF;
     UPDATE pgqr.instance_state s SET dropped_at = now() WHERE s.key = ANY(due);
@@ -415,11 +422,16 @@ END
 $$;
 
 -- Record what Evolution says of instances: [{"key", "state": open|connecting|close|not_found, "reason",
--- "source": webhook|poll|sweep, "checked": a read of the in-memory state (connectionState, a poll)}].
+-- "source": webhook|poll|sweep, "checked": a read of the in-memory state (connectionState, a poll), "expected":
+-- the state pgqr held when the read was decided (a sweep's; with "expect": true)}].
 --   * The state and its reason are durable, and change only when they change; when they were last seen and
---     last checked live in the (unlogged) schedule row.
+--     last checked live in the (unlogged) schedule row. A webhook repeating what pgqr holds changes nothing at
+--     all: it is dropped before any row is locked (no transaction id, no WAL).
+--   * A sweep's read applies only while pgqr still holds the state it was decided on: a webhook or a confirming
+--     read that came in meanwhile is newer, and wins.
 --   * A connected instance (Evolution said open, or the app's row holds the connected value) reported closed or
 --     gone becomes a pending drop; open or connecting clears it. Pending drops are settled (pgqr.settle_drops).
+--     A deleted instance read as not found keeps its reason (deleted).
 --   * Without a status column, a row whose state turns connecting starts waiting (due now, listeners woken) and
 --     one whose state leaves connecting stops.
 --   * A state change of a known state is news: one refresh_log row.
@@ -436,12 +448,22 @@ DECLARE
 BEGIN
     PERFORM pgqr.ensure_schedule();
     SELECT * INTO b FROM pgqr.binding;
-    -- one observation per key, the last one given
+    -- one observation per key, the last one given, and only those that can change something
     SELECT coalesce(array_agg(o ORDER BY o->>'key'), '{}'), coalesce(array_agg(o->>'key' ORDER BY o->>'key'), '{}')
       INTO obs, keys
       FROM (SELECT DISTINCT ON (x.o->>'key') x.o FROM jsonb_array_elements(observations) WITH ORDINALITY x(o, n)
             WHERE x.o->>'state' IN ('open', 'connecting', 'close', 'not_found')
-            ORDER BY x.o->>'key', x.n DESC) y(o);
+            ORDER BY x.o->>'key', x.n DESC) y(o)
+      JOIN pgqr.instance_state s ON s.key = o->>'key'
+     WHERE NOT (coalesce((o->>'expect')::boolean, false) AND s.evolution_state IS DISTINCT FROM o->>'expected')
+       AND (s.evolution_state IS DISTINCT FROM o->>'state'
+            OR (o->>'reason' IS NOT NULL AND o->>'reason' IS DISTINCT FROM s.evolution_reason)
+            OR coalesce((o->>'checked')::boolean, false) OR o->>'source' = 'sweep'
+            OR (o->>'state' IN ('open', 'connecting') AND (s.drop_pending_since IS NOT NULL OR s.dropped_at IS NOT NULL))
+            OR (b.status_column IS NULL AND s.waiting IS DISTINCT FROM (o->>'state' = 'connecting')));
+    IF cardinality(keys) = 0 THEN
+        RETURN;
+    END IF;
     mine := ARRAY(SELECT q.key FROM pgqr.schedule q WHERE q.key = ANY(keys) ORDER BY q.key FOR UPDATE OF q SKIP LOCKED);
 
     WITH o AS (
@@ -449,7 +471,11 @@ BEGIN
                coalesce(x->>'source', 'sweep') AS source, coalesce((x->>'checked')::boolean, false) AS checked
         FROM unnest(obs) x WHERE x->>'key' = ANY(mine)
     ), n AS (
-        SELECT o.*, s.name, s.evolution_state AS was, o.state IS DISTINCT FROM s.evolution_state AS changed,
+        SELECT o.key, o.state, o.source, o.checked, s.name, s.evolution_state AS was,
+               o.state IS DISTINCT FROM s.evolution_state AS changed,
+               coalesce(o.reason, CASE WHEN o.state = 'not_found' AND s.evolution_reason = 'deleted' THEN 'deleted'
+                                       WHEN o.state IS NOT DISTINCT FROM s.evolution_state
+                                       THEN s.evolution_reason END) AS reason,
                CASE WHEN o.state IN ('open', 'connecting') THEN NULL
                     WHEN s.drop_pending_since IS NOT NULL THEN s.drop_pending_since
                     WHEN s.evolution_state = 'open' OR a.status = b.connected_value THEN now() END AS pending,
@@ -460,12 +486,11 @@ BEGIN
         UPDATE pgqr.instance_state s
            SET evolution_state = n.state,
                evolution_state_at = CASE WHEN n.changed THEN now() ELSE s.evolution_state_at END,
-               evolution_reason = CASE WHEN n.changed OR n.reason IS NOT NULL THEN n.reason ELSE s.evolution_reason END,
-               drop_pending_since = n.pending, dropped_at = n.dropped
+               evolution_reason = n.reason, drop_pending_since = n.pending, dropped_at = n.dropped
           FROM n
          WHERE s.key = n.key
-           AND (n.changed OR (n.reason IS NOT NULL AND n.reason IS DISTINCT FROM s.evolution_reason)
-                OR n.pending IS DISTINCT FROM s.drop_pending_since OR n.dropped IS DISTINCT FROM s.dropped_at)
+           AND (s.evolution_state, s.evolution_reason, s.drop_pending_since, s.dropped_at)
+               IS DISTINCT FROM (n.state, n.reason, n.pending, n.dropped)
         RETURNING 1
     ), seen AS (
         UPDATE pgqr.schedule q
@@ -493,8 +518,7 @@ BEGIN
     END IF;
 
     PERFORM pgqr.settle_drops(writer, mine);
-    RETURN QUERY SELECT k FROM unnest(keys) k WHERE NOT k = ANY(mine)
-                   AND EXISTS (SELECT 1 FROM pgqr.schedule q WHERE q.key = k);
+    RETURN QUERY SELECT k FROM unnest(keys) k WHERE NOT k = ANY(mine);
 END
 $$;
 
@@ -528,12 +552,16 @@ DECLARE
     starting   jsonb;
     seen       jsonb;
     unwritten  text[] := '{}';
+    superseded text[] := '{}';
     skipped    text[] := '{}';
     w          record;
 BEGIN
     IF statusless THEN
+        -- webhooks saying connecting of rows not known to connect yet: they start waiting first
         SELECT coalesce(jsonb_agg(o), '[]') INTO starting FROM jsonb_array_elements(observations) o
-        WHERE o->>'state' = 'connecting' AND o->>'source' = 'webhook';
+        WHERE o->>'state' = 'connecting' AND o->>'source' = 'webhook'
+          AND NOT EXISTS (SELECT 1 FROM pgqr.instance_state s
+                          WHERE s.key = o->>'key' AND s.evolution_state = 'connecting' AND s.waiting);
         IF jsonb_array_length(starting) > 0 THEN
             skipped := ARRAY(SELECT pgqr.observe(writer, starting));
         END IF;
@@ -545,9 +573,17 @@ BEGIN
         IF NOT w.written AND NOT w.busy THEN
             unwritten := unwritten || w.key;
         END IF;
+        IF NOT w.claim_held THEN
+            superseded := superseded || w.key;
+        END IF;
     END LOOP;
+    -- what the write did not record: open, close and not found; connecting only of a row it did not write (and,
+    -- without a status column, not a webhook's, observed above); never a poll whose claim was superseded (the
+    -- row's name, server or token changed during the call: its word is about another instance)
     SELECT coalesce(jsonb_agg(o), '[]') INTO seen FROM jsonb_array_elements(observations) o
-    WHERE statusless OR o->>'state' <> 'connecting' OR o->>'key' = ANY(unwritten);
+    WHERE NOT (o->>'source' = 'poll' AND o->>'key' = ANY(superseded))
+      AND (o->>'state' <> 'connecting'
+           OR (o->>'key' = ANY(unwritten) AND NOT (statusless AND o->>'source' = 'webhook')));
     IF jsonb_array_length(seen) > 0 THEN
         skipped := skipped || ARRAY(SELECT pgqr.observe(writer, seen));
     END IF;
@@ -645,9 +681,9 @@ $$;
 -- Pending drops whose state has held long enough and that no connectionState read has confirmed since: the
 -- sidecar reads each once (pgqr.observe with checked) and the drop settles.
 CREATE FUNCTION pgqr.drops_to_confirm(max_rows integer DEFAULT 100)
-RETURNS TABLE (key text, name text, token text, url text)
+RETURNS TABLE (key text, name text, token text, url text, evolution_state text)
 LANGUAGE sql STABLE AS $$
-    SELECT a.key, a.name, a.token, a.url
+    SELECT a.key, a.name, a.token, a.url, s.evolution_state
     FROM pgqr.app_rows(ARRAY(
         SELECT s.key FROM pgqr.instance_state s JOIN pgqr.schedule q ON q.key = s.key
         CROSS JOIN LATERAL (SELECT s.evolution_state_at
@@ -657,6 +693,7 @@ LANGUAGE sql STABLE AS $$
           AND h.held_at <= now() AND (q.state_checked_at IS NULL OR q.state_checked_at < h.held_at)
         ORDER BY s.drop_pending_since
         LIMIT max_rows)) a
+    JOIN pgqr.instance_state s ON s.key = a.key
 $$;
 
 -- instance_health (0010's columns, in order) and Evolution's word on each row: why, since when, when last seen,

@@ -365,17 +365,32 @@ def test_the_connections_dropped_alert_fires_and_resolves(migrated: Database, si
 async def test_a_dropped_session_storm_from_the_simulator_writes_nothing(migrated: Database,
                                                                          simulator: Simulator) -> None:
     env = connected_env(migrated, simulator)
-    env.set("disconnect_after_seconds", "60")
+    env.set("disconnect_after_seconds", "6")  # twice the longest cycle of the simulator's reconnect loop
     env.add("shop", sim_state="open", status="connected")
     secret = "wh-secret-storm"
     settings = env.settings(http_port=0, webhook_secret=Secret(secret), fallback_seconds=3600.0)
-    async with running_service(settings) as service:
+    async with running_service(settings) as service, swept(env) as sweep:
         simulator.config.global_webhook_url = f"http://127.0.0.1:{service.http_port}/webhooks/evolution/{secret}"
+        await sweep.sweep_once()
+        assert env.row("shop")["evolution_state"] == "open"
         simulator.set_mode("shop", "flapping")  # the session dropped: Evolution's reconnect loop
         await wait_until(lambda: env.row("shop")["evolution_state"] == "connecting", 20, "the storm's webhooks")
-        await asyncio.sleep(0)
-    assert status(env, "shop") == "connected"
-    assert env.row("shop")["dropped_at"] is None
+        reads = 0
+        started = asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() - started < 15:  # sweeps and confirmations in the storm
+            await sweep.sweep_once()
+            await sweep.confirm_once(asyncio.get_running_loop().time() + 1000 * reads)
+            reads += 1
+            await asyncio.sleep(0.5)
+        assert simulator.stats("shop").state_calls >= reads  # every pass read Evolution's memory
+        assert (status(env, "shop"), env.row("shop")["dropped_at"]) == ("connected", None)
+        # positive control: the loop ends in a final close, which holds: the drop is written
+        simulator.set_mode("shop", "normal")
+        simulator.close_instance("shop", 428)
+        await wait_until(lambda: env.row("shop")["evolution_state"] == "close", 20, "the final close's webhook")
+        await asyncio.sleep(6.5)
+        await sweep.confirm_once(asyncio.get_running_loop().time() + 10_000)
+        assert status(env, "shop") == "close"
 
 
 async def test_a_server_that_fails_its_listing_is_not_read_row_by_row(migrated: Database,
@@ -394,3 +409,90 @@ async def test_a_server_that_fails_its_listing_is_not_read_row_by_row(migrated: 
         else:  # positive control: a key the server refuses is not a global key: each row is read with its token
             assert calls == {"fetchInstances": 1, "connectionState": 2}
     assert [env.row(n)["evolution_state"] for n in ("a", "b")] == ["open", "open"]
+
+
+def test_a_sweeps_late_word_never_overwrites_a_newer_one(migrated: Database, simulator: Simulator) -> None:
+    env = connected_env(migrated, simulator)
+    env.add("shop", sim_state=None, status="connected")
+    key = str(env.row("shop")["key"])
+    observe(env, key, "open", checked=True)
+    observe(env, key, "close", source="webhook", reason="logged_out")  # newer than the sweep's read below
+    late = {"key": key, "state": "open", "source": "sweep", "checked": True, "expect": True, "expected": "open"}
+    env.db.query("SELECT pgqr.observe('test', %s::jsonb)", (json.dumps([late]),))
+    assert (env.row("shop")["evolution_state"], env.row("shop")["drop_pending_since"] is not None) == ("close", True)
+    # positive control: decided on the state pgqr holds, the same read applies
+    env.db.query("SELECT pgqr.observe('test', %s::jsonb)", (json.dumps([{**late, "expected": "close"}]),))
+    assert (env.row("shop")["evolution_state"], env.row("shop")["drop_pending_since"]) == ("open", None)
+
+
+def test_a_deleted_instance_keeps_its_reason_and_drops_though_alone_on_its_server(migrated: Database,
+                                                                                  simulator: Simulator) -> None:
+    env = connected_env(migrated, simulator)
+    env.set("disconnect_after_seconds", "600")
+    env.add("shop", sim_state=None, status="connected")
+    key = str(env.row("shop")["key"])
+    observe(env, key, "open", checked=True)
+    observe(env, key, "close", source="webhook", reason="deleted")  # remove.instance
+    observe(env, key, "not_found", checked=True)  # the confirming read: 404
+    assert (env.row("shop")["evolution_state"], env.row("shop")["evolution_reason"]) == ("not_found", "deleted")
+    assert status(env, "shop") == "close"
+
+
+def test_a_superseded_polls_word_is_not_applied_to_the_renamed_row(migrated: Database,
+                                                                   simulator: Simulator) -> None:
+    env = connected_env(migrated, simulator)
+    env.add("shop", sim_state=None, status="connecting")
+    env.add("cafe", sim_state=None, status="connecting")
+    claims = {r["name"]: r for r in env.db.query("SELECT * FROM pgqr.claim('test', 10, interval '60 s')")}
+    env.db.query("UPDATE public.evolution_instances SET instance_name = 'shop-2' WHERE instance_name = 'shop'")
+    results = [{"key": c["key"], "source": "poll", "outcome": "connected", "evolution_state": "open",
+                "claim_id": c["claim_id"], "http_status": 200, "latency_ms": 5} for c in claims.values()]
+    env.db.query("SELECT * FROM pgqr.record_results('test', %s::jsonb)", (json.dumps(results),))
+    assert env.db.value("SELECT evolution_state FROM pgqr.instance_state WHERE name = 'shop-2'") is None
+    assert env.db.value("SELECT evolution_state FROM pgqr.instance_state WHERE name = 'cafe'") == "open"  # control
+
+
+async def test_the_global_key_goes_only_to_evolution_api_urls_server(migrated: Database,
+                                                                     simulator: Simulator) -> None:
+    env = connected_env(migrated, simulator)
+    token = simulator.add_instance("shop", state="open")
+    env.db.query("INSERT INTO public.evolution_instances (instance_name, instance_token, instance_status, "
+                 "evolution_url) VALUES ('shop', %s, 'connected', %s)", (token, simulator.base_url))
+    home = f"http://127.0.0.1:{free_port()}"  # EVOLUTION_API_URL: another server than the row's
+    async with swept(env, evolution_api_url=Secret(home),
+                     evolution_api_key=Secret(simulator.config.api_key)) as sweep:
+        await sweep.sweep_once()
+    calls = {c: sweep.metrics.registry.get_sample_value("pgqr_sweep_calls_total", {"call": c}) or 0
+             for c in ("fetchInstances", "connectionState")}
+    assert calls == {"fetchInstances": 0, "connectionState": 1}  # the row's own token, at the row's own URL
+    assert env.row("shop")["evolution_state"] == "open"
+
+
+async def test_a_listing_too_large_to_read_falls_back_to_reading_each_row(migrated: Database,
+                                                                          simulator: Simulator) -> None:
+    env = connected_env(migrated, simulator)
+    env.add("shop", sim_state="open", status="connected")
+    simulator.add_instances(40, prefix="other", state="close")  # a server with many more instances than rows
+    async with swept(env, evolution_api_key=Secret(simulator.config.api_key), max_reply_bytes=1000) as sweep:
+        await sweep.sweep_once()
+    calls = {c: sweep.metrics.registry.get_sample_value("pgqr_sweep_calls_total", {"call": c}) or 0
+             for c in ("fetchInstances", "connectionState")}
+    assert calls == {"fetchInstances": 1, "connectionState": 1}
+    assert env.row("shop")["evolution_state"] == "open"
+
+
+async def test_a_statusless_row_whose_instance_is_gone_stops_waiting(db: Database, simulator: Simulator) -> None:
+    env = statusless(db, simulator)
+    token = simulator.add_instance("shop", state="connecting")
+    key = add_statusless(env, "shop", token)
+    observe(env, key, "connecting")
+    simulator.delete(simulator.get("shop"))
+    summary = await env.reconcile()
+    assert [(r.outcome, r.error_class) for r in summary.results] == [("failed", "not_found")]
+    assert (state_of(env, key)["evolution_state"], state_of(env, key)["waiting"]) == ("not_found", False)
+
+
+def test_a_server_label_shows_no_credentials(migrated: Database) -> None:
+    labels = migrated.query("SELECT pgqr.server_label(u) AS l FROM unnest(ARRAY["
+                            "'https://user:pa@ss@evo.example:8080/api?key=1', 'http://evo:8080/', NULL]) u")
+    assert [r["l"] for r in labels] == ["https://evo.example:8080", "http://evo:8080", "EVOLUTION_API_URL"]
