@@ -15,7 +15,6 @@ socket nobody asked for. A reply without a state (an instance not loaded yet) is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,11 +23,12 @@ from typing import cast, get_args
 from . import db
 from .evolution import EvolutionClient, EvolutionState, Failure, InstanceList, display_url
 from .metrics import Metrics
-from .settings import Settings, reveal
+from .settings import Settings, describe, reveal
 
 log = logging.getLogger("pgqr.sweep")
 
 CONFIRM_SECONDS = 2.0      # how often pending drops are looked for
+DEFAULT_PERIOD = 300.0     # sweep_seconds' default, while the database cannot say
 RETRY_CONFIRM_SECONDS = 30.0  # a confirming read that failed is not repeated sooner
 FLUSH_EVERY = 200          # observations per pgqr.observe call
 FLUSH_SECONDS = 1.0        # and at least this often while reads come in
@@ -61,14 +61,16 @@ class Sweep:
     # -- the periodic sweep -------------------------------------------------------------------------------
 
     async def run_forever(self) -> None:
+        period = DEFAULT_PERIOD
         while True:
-            period = await db.sweep_seconds(self.pool)
             started = time.monotonic()
-            with contextlib.suppress(Exception):
+            try:
+                period = await db.sweep_seconds(self.pool)
                 if await self.pool.value("SELECT pgqr.take_sweep(%s, make_interval(secs => %s))",
                                          (self.owner, period * 1.5)):
                     await self.sweep_once(spread=period)
-            # a failed round is not retried at once: the next period reads everything again anyway
+            except Exception as exc:  # the database or Evolution away: the next period reads everything again
+                log.warning("sweep failed: %s", describe(exc), extra={"action": "sweep_error"})
             await asyncio.sleep(max(1.0, started + period - time.monotonic()))
 
     async def sweep_once(self, spread: float = 0.0) -> None:
@@ -176,8 +178,11 @@ class Sweep:
 
     async def confirm_forever(self, now: Callable[[], float] = time.monotonic) -> None:
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 await self.confirm_once(now())
+            except Exception as exc:  # tried again in a moment
+                log.warning("confirming drops failed: %s", describe(exc), extra={"action": "sweep_error"})
+                await asyncio.sleep(RETRY_CONFIRM_SECONDS)
             await asyncio.sleep(CONFIRM_SECONDS)
 
     async def confirm_once(self, at: float) -> None:

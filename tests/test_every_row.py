@@ -5,7 +5,9 @@ drop. Real PostgreSQL with pg_cron, the simulator on loopback, the sidecar in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,7 +24,7 @@ from pgqr import db as pgqr_db
 from pgqr.devdb import free_port
 from pgqr.evolution import EvolutionClient
 from pgqr.metrics import Metrics
-from pgqr.settings import Secret
+from pgqr.settings import Secret, Settings
 from pgqr.simulator import Simulator
 from pgqr.sweep import Sweep
 
@@ -496,3 +498,23 @@ def test_a_server_label_shows_no_credentials(migrated: Database) -> None:
     labels = migrated.query("SELECT pgqr.server_label(u) AS l FROM unnest(ARRAY["
                             "'https://user:pa@ss@evo.example:8080/api?key=1', 'http://evo:8080/', NULL]) u")
     assert [r["l"] for r in labels] == ["https://evo.example:8080", "http://evo:8080", "EVOLUTION_API_URL"]
+
+
+async def test_a_sweep_that_fails_says_so_and_goes_on(db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    """The sweep runs for the life of `pgqr run`: a database that fails it (here: no pgqr schema at all) costs a
+    warning and a period, never the process."""
+    pool = pgqr_db.Pool(db.dsn, size=1)
+    await pool.open()
+    try:
+        async with EvolutionClient(timeout=1.0) as client:
+            sweep = Sweep(Settings(database_url=Secret(db.dsn)), pool, client, "test", Metrics())
+            with caplog.at_level(logging.WARNING, logger="pgqr.sweep"):
+                task = asyncio.create_task(sweep.run_forever())
+                await wait_until(lambda: any(r.message.startswith("sweep failed") for r in caplog.records), 20,
+                                 "the sweep's warning")
+                assert not task.done()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    finally:
+        await pool.close()
