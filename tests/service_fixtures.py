@@ -24,6 +24,7 @@ import pytest
 from conftest import Database, command_env
 
 from pgqr import db
+from pgqr.bench.harness import faketime_env
 from pgqr.engine import Engine, Summary
 from pgqr.evolution import EvolutionClient
 from pgqr.service import Service
@@ -246,17 +247,16 @@ async def start_pgqr(env: dict[str, str], output: Path, *args: str,
                      skew: str | None = None) -> asyncio.subprocess.Process:
     """The real command line (`pgqr *args`) as a child of this event loop, in a process group of its own; its output
     goes to a file, so a chatty child never blocks on a full pipe. `skew` (like "+20s"): its wall clock is that far
-    off the database's (Debian's faketime; monotonic time stays true, so asyncio's timers do)."""
-    wrapper = ["faketime", "-f", skew] if skew else []
-    env = {**env, "FAKETIME_DONT_FAKE_MONOTONIC": "1"} if skew else env
+    off the database's (libfaketime, preloaded: pgqr.bench.harness.faketime_env)."""
+    env = {**env, **faketime_env(skew)} if skew else env
     with output.open("wb") as out:
         return await asyncio.create_subprocess_exec(
-            *wrapper, sys.executable, "-m", "pgqr", *args, env=env, start_new_session=True,
+            sys.executable, "-m", "pgqr", *args, env=env, start_new_session=True,
             stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
 
 
 def stop_group(proc: asyncio.subprocess.Process, sig: signal.Signals = signal.SIGTERM) -> None:
-    """Signal a child started by start_pgqr and whatever it started (faketime runs pgqr as its own child)."""
+    """Signal a child started by start_pgqr and whatever it started."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import glob
 import json
 import os
 import secrets
@@ -82,14 +83,23 @@ class SimProcess:
 # -- pgqr run, as its own process -----------------------------------------------------------------------------
 
 
+def faketime_env(skew: str) -> dict[str, str]:
+    """The environment that runs one child with its wall clock `skew` off ("+20s", "-20s"): Debian's libfaketime
+    preloaded directly. Not the `faketime` wrapper, which keeps a semaphore and a shared-memory segment named after
+    its pid: a killed wrapper leaves them behind, and a later wrapper with the same pid then fails to start
+    ("sem_open: File exists"). Only the wall clock moves: the monotonic clock, which asyncio's timers and pgqr's
+    timeouts use, stays true, as on a host whose clock is merely set wrong. (With libfaketime 0.9.10 this makes a
+    blocking time.sleep() fail with EINVAL; pgqr run never calls it, and the clock probe below checks asyncio's
+    sleep.)"""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        raise RuntimeError("libfaketime is not installed (Debian's faketime package; make test installs it)")
+    return {"LD_PRELOAD": found[0], "FAKETIME": skew, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
 def faketime_prefix(skew: int) -> tuple[list[str], dict[str, str]]:
-    """The command prefix and environment that run one child with its wall clock `skew` seconds off (0: none).
-    Only the wall clock moves: the monotonic clock, which asyncio's timers and pgqr's timeouts use, stays
-    true, as on a host whose clock is merely set wrong. (With libfaketime 0.9.10 this setting makes a blocking
-    time.sleep() fail with EINVAL; pgqr run never calls it, and the clock probe below checks asyncio's sleep.)"""
-    if not skew:
-        return [], {}
-    return ["faketime", "-f", f"{skew:+d}s"], {"FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    """The command prefix and environment that run one child with its wall clock `skew` seconds off (0: none)."""
+    return ([], faketime_env(f"{skew:+d}s")) if skew else ([], {})
 
 
 async def clock_probe(skew: int) -> dict[str, float]:
@@ -115,9 +125,8 @@ async def clock_probe(skew: int) -> dict[str, float]:
 
 
 class PgqrProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, secret: str, log: Path,
-                 wrapped: bool = False) -> None:
-        self.proc, self.port, self.secret, self.log, self.wrapped = proc, port, secret, log, wrapped
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, secret: str, log: Path) -> None:
+        self.proc, self.port, self.secret, self.log = proc, port, secret, log
 
     @property
     def webhook_url(self) -> str:
@@ -140,7 +149,7 @@ class PgqrProcess:
             proc = await asyncio.create_subprocess_exec(
                 *prefix, sys.executable, "-m", "pgqr", "run", "--log-format", "json", env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
-        child = cls(proc, port, secret, log, wrapped=bool(prefix))
+        child = cls(proc, port, secret, log)
         await child.wait_ready()
         return child
 
@@ -178,12 +187,8 @@ class PgqrProcess:
 
     @property
     def pid(self) -> int:
-        """pgqr's own process. faketime forks it and waits (then removes its shared memory) but does not pass
-        signals on: a wrapped child is signalled itself, and the wrapper exits when it does."""
-        if not self.wrapped:
-            return self.proc.pid
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        return int(children[0]) if children else self.proc.pid
+        """pgqr's own process (with a skewed clock too: libfaketime is preloaded, there is no wrapper process)."""
+        return self.proc.pid
 
     def peak_rss_mb(self) -> float:
         return vm_hwm_mb(self.pid)
