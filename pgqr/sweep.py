@@ -162,6 +162,11 @@ class Sweep:
         if len(self._pending) >= FLUSH_EVERY or time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
             await self._flush()  # saved soon after it was read: a later word from Evolution must not be older
 
+    def calls(self) -> dict[str, float]:
+        """The Evolution calls this sweep made, by route (its pgqr_sweep_calls counter): what the bench prints."""
+        return {call: self.metrics.registry.get_sample_value("pgqr_sweep_calls_total", {"call": call}) or 0.0
+                for call in ("fetchInstances", "connectionState")}
+
     def _observed(self, o: db.Observation) -> None:
         self._pending.append(o)
 
@@ -169,10 +174,10 @@ class Sweep:
         self._flushed_at = time.monotonic()
         while self._pending:
             batch, self._pending = self._pending[:FLUSH_EVERY], self._pending[FLUSH_EVERY:]
-            held = await db.observe(self.pool, self.owner, batch)
+            held = set(await db.observe(self.pool, self.owner, batch))
             if held:  # another writer had those rows: once more, after it
                 await asyncio.sleep(0.05)
-                await db.observe(self.pool, self.owner, [o for o in batch if o.key in set(held)])
+                await db.observe(self.pool, self.owner, [o for o in batch if o.key in held])
 
     # -- confirming pending drops -------------------------------------------------------------------------
 

@@ -404,8 +404,7 @@ async def test_a_server_that_fails_its_listing_is_not_read_row_by_row(migrated: 
     for url in (dead, simulator.base_url):
         async with swept(env, evolution_api_url=Secret(url), evolution_api_key=Secret("not-the-global-key")) as s:
             await s.sweep_once()
-        calls = {c: s.metrics.registry.get_sample_value("pgqr_sweep_calls_total", {"call": c}) or 0
-                 for c in ("fetchInstances", "connectionState")}
+        calls = s.calls()
         if url == dead:
             assert calls == {"fetchInstances": 1, "connectionState": 0}
         else:  # positive control: a key the server refuses is not a global key: each row is read with its token
@@ -464,8 +463,7 @@ async def test_the_global_key_goes_only_to_evolution_api_urls_server(migrated: D
     async with swept(env, evolution_api_url=Secret(home),
                      evolution_api_key=Secret(simulator.config.api_key)) as sweep:
         await sweep.sweep_once()
-    calls = {c: sweep.metrics.registry.get_sample_value("pgqr_sweep_calls_total", {"call": c}) or 0
-             for c in ("fetchInstances", "connectionState")}
+    calls = sweep.calls()
     assert calls == {"fetchInstances": 0, "connectionState": 1}  # the row's own token, at the row's own URL
     assert env.row("shop")["evolution_state"] == "open"
 
@@ -477,8 +475,7 @@ async def test_a_listing_too_large_to_read_falls_back_to_reading_each_row(migrat
     simulator.add_instances(40, prefix="other", state="close")  # a server with many more instances than rows
     async with swept(env, evolution_api_key=Secret(simulator.config.api_key), max_reply_bytes=1000) as sweep:
         await sweep.sweep_once()
-    calls = {c: sweep.metrics.registry.get_sample_value("pgqr_sweep_calls_total", {"call": c}) or 0
-             for c in ("fetchInstances", "connectionState")}
+    calls = sweep.calls()
     assert calls == {"fetchInstances": 1, "connectionState": 1}
     assert env.row("shop")["evolution_state"] == "open"
 

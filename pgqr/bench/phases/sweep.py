@@ -42,8 +42,7 @@ async def sweep(bench: Bench) -> None:
                     took = time.monotonic() - started
             finally:
                 await pool.close()
-            calls = {call: swept.metrics.registry.get_sample_value("pgqr_sweep_calls_total", {"call": call}) or 0
-                     for call in ("fetchInstances", "connectionState")}
+            calls = swept.calls()
             total = sum(calls.values())
             bench.report.add("sweep", f"Evolution calls a minute, {SWEEP_INSTANCES:,} connected rows, {label}",
                              f"{total / (period / 60):,.1f} ({total:,.0f} a {period:.0f} s sweep: "
