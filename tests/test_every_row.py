@@ -52,8 +52,9 @@ STATUSLESS_FLAGS = ("--table", "public.evolution_instances", "--name-column", "i
                     "--qr-at-column", "none", "--pairing-column", "none")
 
 
-def statusless(db: Database, sim: Simulator) -> Env:
-    db.query(STATUSLESS)
+def statusless(db: Database, sim: Simulator, *, create: bool = True) -> Env:
+    if create:
+        db.query(STATUSLESS)
     result = run_pgqr("migrate", *STATUSLESS_FLAGS, env={"DATABASE_URL": db.dsn})
     assert result.returncode == 0, result.stderr
     assert "no status column (waiting while Evolution says connecting)" in result.stdout
@@ -515,3 +516,42 @@ async def test_a_sweep_that_fails_says_so_and_goes_on(db: Database, caplog: pyte
                     await task
     finally:
         await pool.close()
+
+
+def test_the_app_writes_its_statusless_table_as_its_own_role_and_uninstall_gives_it_back(
+        db: Database, simulator: Simulator) -> None:
+    """Supabase's `authenticated`, with no rights on schema pgqr and under the table's RLS: INSERT, UPDATE, rename
+    and DELETE all go through with pgqr's trigger on the table (whose waiting expression reads pgqr's own state),
+    and `pgqr uninstall` leaves the table's definition as it was before install."""
+    db.query(STATUSLESS)
+    db.query("GRANT SELECT, INSERT, UPDATE, DELETE ON public.evolution_instances TO authenticated")
+
+    def definition() -> list[dict[str, Any]]:
+        return db.query("SELECT pg_get_triggerdef(t.oid) AS d FROM pg_trigger t "
+                        "WHERE t.tgrelid = 'public.evolution_instances'::regclass AND NOT t.tgisinternal "
+                        "UNION ALL SELECT column_name || ' ' || data_type FROM information_schema.columns "
+                        "WHERE table_schema = 'public' AND table_name = 'evolution_instances' ORDER BY 1")
+
+    before = definition()
+    env = statusless(db, simulator, create=False)
+    user = "6f1c2c4e-0000-4000-8000-00000000abcd"
+    with db.connect() as conn:
+        warnings: list[str] = []
+        conn.add_notice_handler(lambda d: warnings.append(str(d.message_primary)))
+        conn.execute("SET ROLE authenticated")
+        conn.execute("SELECT set_config('request.jwt.claim.sub', %s, false)", (user,))
+        assert conn.execute("SELECT has_schema_privilege('pgqr', 'USAGE') AS u").fetchone() == {"u": False}
+        conn.execute("INSERT INTO public.evolution_instances (instance_name, api_key) VALUES ('shop', 't')")
+        conn.execute("UPDATE public.evolution_instances SET api_key = 't2', phone_number = '5511'")
+        conn.execute("UPDATE public.evolution_instances SET instance_name = 'shop-2'")
+        key = str(conn.execute("SELECT id FROM public.evolution_instances").fetchone()["id"])  # type: ignore[index]
+        assert env.db.value("SELECT name FROM pgqr.instance_state WHERE key = %s", (key,)) == "shop-2"
+        observe(env, key, "connecting")  # Evolution's word makes it wait; the app's next writes still go through
+        conn.execute("UPDATE public.evolution_instances SET active = false")
+        conn.execute("DELETE FROM public.evolution_instances")
+        assert warnings == []
+    assert env.db.value("SELECT count(*) FROM pgqr.instance_state") == 0
+    assert env.db.value("SELECT count(*) FROM pgqr.trigger_errors") == 0
+    result = run_pgqr("uninstall", env={"DATABASE_URL": db.dsn})
+    assert result.returncode == 0, result.stderr
+    assert definition() == before
