@@ -366,6 +366,13 @@ async def heartbeat(pool: Pool, owner: str, host: str, pid: int, version: str, l
         await conn.execute("SELECT pgqr.heartbeat(%s, %s, %s, %s, %s)", (owner, host, pid, version, listen_ok))
 
 
+async def analyze_grown(pool: Pool) -> list[str]:
+    """pgqr's tables that had outgrown their statistics, analyzed now (sql/0013_statistics.sql)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT t::text FROM pgqr.analyze_grown() t")
+        return [row[0] for row in await cur.fetchall()]
+
+
 async def release_leases(pool: Pool, owner: str) -> int:
     return int(await pool.value("SELECT pgqr.release_leases(%s)", (owner,)) or 0)
 

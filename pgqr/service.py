@@ -163,7 +163,19 @@ class Service:
             except Exception as exc:
                 self.database_ok = False
                 log.warning("heartbeat failed: %s", describe(exc), extra={"action": "heartbeat_error"})
+            else:
+                await self.analyze_grown()
             await asyncio.sleep(self.settings.heartbeat_seconds)
+
+    async def analyze_grown(self) -> None:
+        """An import of many rows is planned for within a heartbeat, not at autovacuum's next round."""
+        try:
+            for table in await db.analyze_grown(self.pool):
+                log.info("statistics of %s refreshed: it had outgrown them", table,
+                         extra={"action": "analyze", "table": table})
+        except Exception as exc:  # the next heartbeat tries again; autovacuum gets there anyway
+            log.warning("refreshing the statistics of pgqr's tables failed: %s", describe(exc),
+                        extra={"action": "analyze_error"})
 
     async def gauges_forever(self) -> None:
         """Freshness, live: how many waiting instances hold a QR within its estimated life."""
