@@ -327,6 +327,28 @@ async def test_ten_thousand_instances_need_no_task_each(simulator: Simulator) ->
     assert simulator.pending_pushes == 0
 
 
+async def test_bulk_instances_can_all_start_on_one_phase(simulator: Simulator) -> None:
+    simulator.config.first_qr_delay = 30.0  # a first QR half a minute after the socket starts
+    # a minute ago: every first QR is out and the next is an hour away (the fixture's qr_ttl)
+    status, _ = await api(simulator, "POST", "/_sim/instances/bulk",
+                          json={"count": 200, "state": "connecting", "prefix": "past", "phase": 60})
+    assert status == 201
+    # just now: none has its first QR yet (for half a minute)
+    status, _ = await api(simulator, "POST", "/_sim/instances/bulk",
+                          json={"count": 200, "state": "connecting", "prefix": "now", "phase": 0})
+    assert status == 201
+    _, now = await api(simulator, "GET", "/_sim/current")
+    past = [e for n, e in now["instances"].items() if n.startswith("past-")]
+    fresh = [e for n, e in now["instances"].items() if n.startswith("now-")]
+    assert len(past) == len(fresh) == 200
+    assert all(e["md5"] is not None and e["count"] == 1 for e in past)
+    assert all(e["md5"] is None for e in fresh)
+    for bad in (-1, "10", True):
+        status, reply = await api(simulator, "POST", "/_sim/instances/bulk",
+                                  json={"count": 1, "state": "connecting", "prefix": "bad", "phase": bad})
+        assert status == 400 and "phase" in reply["error"]
+
+
 async def test_rotations_are_pushed_once_a_webhook_is_set(simulator: Simulator, receiver: Receiver) -> None:
     simulator.config.qr_ttl = 0.2
     simulator.add_instances(3, state="connecting")

@@ -52,9 +52,11 @@ class SimProcess:
             raise RuntimeError(f"the simulator did not start: {line!r}")
         return cls(proc, line.split("base_url=", 1)[1].split()[0])
 
-    async def bulk(self, count: int, prefix: str, state: str = "connecting") -> dict[str, str]:
-        async with self.http.post(f"{self.base_url}/_sim/instances/bulk",
-                                  json={"count": count, "prefix": prefix, "state": state}) as resp:
+    async def bulk(self, count: int, prefix: str, state: str = "connecting",
+                   phase: float | None = None) -> dict[str, str]:
+        """`phase`: every socket started that many seconds ago (default: each on a random phase)."""
+        body = {"count": count, "prefix": prefix, "state": state, **({} if phase is None else {"phase": phase})}
+        async with self.http.post(f"{self.base_url}/_sim/instances/bulk", json=body) as resp:
             resp.raise_for_status()
             tokens: dict[str, str] = (await resp.json())["tokens"]
             return tokens

@@ -3,7 +3,8 @@
 No authentication: bind the simulator to loopback.
 
     POST /_sim/instances                {"name", "token"?, "state"?, "mode"?}     -> 201 {name, token}
-    POST /_sim/instances/bulk           {"count", "prefix"?, "start"?, "state"?, "mode"?} -> 201 {"tokens": {...}}
+    POST /_sim/instances/bulk           {"count", "prefix"?, "start"?, "state"?, "mode"?, "phase"?}
+                                                                                -> 201 {"tokens": {...}}
     GET  /_sim/instances                                                        -> {name: {token, state, mode}}
     POST /_sim/instances/{name}/scan | rotate | close | reload                  -> that instance's stats
     POST /_sim/instances/{name}/mode    {"mode"}                                -> that instance's stats
@@ -81,12 +82,16 @@ class _Control:
         body = await _object_body(request)
         chosen = _state_and_mode(body)
         count, prefix, start = body.get("count"), body.get("prefix", "sim"), body.get("start", 1)
+        phase = body.get("phase")
         if (not isinstance(count, int) or not 0 < count <= MAX_BULK or not isinstance(prefix, str)
-                or not isinstance(start, int) or chosen is None):
+                or not isinstance(start, int) or chosen is None
+                or not (phase is None or (isinstance(phase, int | float) and not isinstance(phase, bool)
+                                          and phase >= 0))):
             return _refuse(400, f"body needs `count` in 1..{MAX_BULK}; prefix a string, start an int, "
-                                f"state in {STATES}, mode in {MODES}")
+                                f"state in {STATES}, mode in {MODES}, phase (optional) seconds >= 0")
         try:
-            tokens = self.sim.add_instances(count, prefix=prefix, start=start, state=chosen[0], mode=chosen[1])
+            tokens = self.sim.add_instances(count, prefix=prefix, start=start, state=chosen[0], mode=chosen[1],
+                                            phase=None if phase is None else float(phase))
         except ValueError as exc:
             return _refuse(409, str(exc))
         return web.json_response({"tokens": tokens}, status=201)

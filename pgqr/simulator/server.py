@@ -94,11 +94,14 @@ class Simulator:
         return inst.token
 
     def add_instances(
-        self, count: int, *, prefix: str = "sim", start: int = 1, state: State = "close", mode: Mode = "normal"
+        self, count: int, *, prefix: str = "sim", start: int = 1, state: State = "close", mode: Mode = "normal",
+        phase: float | None = None,
     ) -> dict[str, str]:
-        """`count` instances named PREFIX-00001 ...; connecting ones on random phases. Returns name -> token."""
+        """`count` instances named PREFIX-00001 ...; connecting ones on random phases, or all on `phase`.
+        Returns name -> token."""
         return {
-            name: self.add_instance(name, state=state, mode=mode, phase=self._rng.uniform(0, self.config.qr_ttl))
+            name: self.add_instance(name, state=state, mode=mode,
+                                    phase=self._rng.uniform(0, self.config.qr_ttl) if phase is None else phase)
             for name in (f"{prefix}-{i:05d}" for i in range(start, start + count))
         }
 
