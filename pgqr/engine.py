@@ -20,6 +20,7 @@ from typing import Any
 from . import db, writeback
 from .evolution import Connected, EvolutionClient, Failure, NoQrYet, QrCode, Reply
 from .settings import Settings
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("pgqr.engine")
 
@@ -219,9 +220,7 @@ class Engine:
         close(), which the service calls once webhooks stopped arriving too."""
         if self.in_flight:
             _, pending = await asyncio.wait(self.in_flight, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(pending)
 
     async def close(self) -> None:
         await self.writer.close()

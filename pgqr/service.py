@@ -28,6 +28,7 @@ from .listener import Listener
 from .metrics import Metrics
 from .settings import Settings, describe
 from .sweep import Sweep
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("pgqr.service")
 
@@ -230,14 +231,11 @@ class Service:
         log.info("stopping", extra={"action": "stop"})
         self.stopping = True
         self.wake.set()
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await cancel_and_wait(background)
         try:
             await asyncio.wait_for(asyncio.shield(worker), 2.0)
         except TimeoutError:
-            worker.cancel()
-            await asyncio.gather(worker, return_exceptions=True)
+            await cancel_and_wait([worker])
         await self.engine.drain(self.settings.grace_seconds)
         # webhooks in flight get aiohttp's shutdown timeout, and the writer stays open for them meanwhile
         await self.stop_http()

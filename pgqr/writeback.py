@@ -24,6 +24,7 @@ import psycopg
 
 from . import db
 from .settings import describe
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("pgqr.writeback")
 
@@ -127,10 +128,7 @@ class ResultWriter:
             while not self.idle and any(lane.task is not None and not lane.task.done() for lane in lanes):
                 await asyncio.sleep(0.01)
         for lane in lanes:
-            tasks = [*lane.batches, *([lane.task] if lane.task is not None else [])]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait([*lane.batches, *([lane.task] if lane.task is not None else [])])
             lane.task = None
             for item in lane.queue:
                 if not item.done.done():
