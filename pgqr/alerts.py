@@ -109,7 +109,8 @@ class AlertForwarder:
         task, self._task = self._task, None
         if task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=max(grace, 0))
+                async with asyncio.timeout(max(grace, 0)):
+                    await asyncio.shield(task)
             except TimeoutError:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -119,7 +120,8 @@ class AlertForwarder:
             # without this, the delivery would wait for its lease to run out before another replica takes it
             # bounded: a database that does not answer must not hold the exit (the lease expires anyway)
             with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
-                await asyncio.wait_for(self._finish(held, *self._held_outcome), RELEASE_SECONDS)
+                async with asyncio.timeout(RELEASE_SECONDS):
+                    await self._finish(held, *self._held_outcome)
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -133,7 +135,8 @@ class AlertForwarder:
             self._asleep = True
             try:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=sleep)
+                    async with asyncio.timeout(sleep):
+                        await self._wakeup.wait()
             finally:
                 self._asleep = False
 

@@ -123,7 +123,8 @@ async def _show(conn: psycopg.AsyncConnection[tuple[object, ...]], stop: asyncio
             print(f"[{elapsed:.0f}s]\n{_render(rows)}", flush=True)
         last = _without_ages(rows)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
+            async with asyncio.timeout(1.0):
+                await stop.wait()
 
 
 def _render(rows: list[tuple[object, ...]]) -> str:

@@ -136,7 +136,8 @@ class Listener:
         token = secrets.token_hex(8)
         self._probe_token = token
         self._probe_seen.clear()
-        await asyncio.wait_for(self.send(PROBE_CHANNEL, token), within + 5)
+        async with asyncio.timeout(within + 5):
+            await self.send(PROBE_CHANNEL, token)
         async for notify in conn.notifies(timeout=within):
             self._dispatch(notify)
             if self._probe_seen.is_set():

@@ -233,7 +233,8 @@ class Service:
         self.wake.set()
         await cancel_and_wait(background)
         try:
-            await asyncio.wait_for(asyncio.shield(worker), 2.0)
+            async with asyncio.timeout(2.0):
+                await asyncio.shield(worker)
         except TimeoutError:
             await cancel_and_wait([worker])
         await self.engine.drain(self.settings.grace_seconds)
@@ -241,7 +242,8 @@ class Service:
         await self.stop_http()
         await self.engine.close()
         try:  # the leases expire on their own anyway: a database that does not answer must not hold the exit
-            await asyncio.wait_for(asyncio.shield(self._final_writes()), FINAL_WRITES_SECONDS)
+            async with asyncio.timeout(FINAL_WRITES_SECONDS):
+                await asyncio.shield(self._final_writes())
         except TimeoutError:
             log.warning("could not release leases in time", extra={"action": "release_error"})
         await self.client.close()

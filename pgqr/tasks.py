@@ -5,6 +5,7 @@ it arrives just as the awaited future completes (CPython gh-86296, fixed in 3.12
 connection that way, so a loop cancelled at the moment the pool hands it a connection carries on as if nothing
 had happened. Seen: `pgqr run` told to stop right after it started, its gauges loop asleep again and the process
 waiting for it for ever. A task still running after a cancellation is cancelled again; its next await ends it.
+(pgqr's own code waits with asyncio.timeout(), which keeps the cancellation.)
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ class ResultWriter:
         if self._hooks_idle.is_set():
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._hooks_idle.wait(), timeout=max(self._last_poll_batch, RETRY_DELAY))
+            async with asyncio.timeout(max(self._last_poll_batch, RETRY_DELAY)):
+                await self._hooks_idle.wait()
 
     async def _write(self, batch: list[_Item]) -> None:
         try:
