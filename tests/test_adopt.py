@@ -558,6 +558,9 @@ async def test_rows_sharing_a_name_on_different_servers_each_get_their_own_qr(db
     try:
         simulator.add_instance("shop", "tok-shop", state="connecting")
         second.add_instance("shop", "tok-shop", state="connecting")
+        # each QR out now (not first_qr_delay later, when the one below could turn out to match again)
+        for server in (simulator, second):
+            server.rotate("shop")
         # both servers draw from one pool of images: make theirs differ, so a row given the other's shows
         while second.current()["shop"]["md5"] == simulator.current()["shop"]["md5"]:
             second.rotate("shop")
