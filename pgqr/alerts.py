@@ -28,6 +28,7 @@ import psycopg
 
 from . import db
 from .evolution import display_url
+from .tasks import cancel_and_wait
 
 __all__ = ["AlertForwarder", "safe_origin"]
 
@@ -112,9 +113,7 @@ class AlertForwarder:
                 async with asyncio.timeout(max(grace, 0)):
                     await asyncio.shield(task)
             except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait([task])
         held, self._held = self._held, None
         if held is not None:
             # without this, the delivery would wait for its lease to run out before another replica takes it
