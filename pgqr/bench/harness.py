@@ -99,15 +99,14 @@ def faketime_env(skew: str) -> dict[str, str]:
     return {"LD_PRELOAD": found[0], "FAKETIME": skew, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
-def faketime_prefix(skew: int) -> tuple[list[str], dict[str, str]]:
-    """The command prefix and environment that run one child with its wall clock `skew` seconds off (0: none)."""
-    return ([], faketime_env(f"{skew:+d}s")) if skew else ([], {})
+def skewed_env(skew: int) -> dict[str, str]:
+    """The environment that runs one child with its wall clock `skew` seconds off (0: none)."""
+    return faketime_env(f"{skew:+d}s") if skew else {}
 
 
 async def clock_probe(skew: int) -> dict[str, float]:
-    """Under the same faketime prefix as a skewed child: its wall clock's offset from ours, and what a 0.5 s
+    """Under the same libfaketime setting as a skewed child: its wall clock's offset from ours, and what a 0.5 s
     asyncio.sleep lasts by its (shifted) wall clock and by its event loop's clock; both must say 0.5 s."""
-    prefix, env = faketime_prefix(skew)
     script = ("import asyncio, json, time\n"
               "async def main():\n"
               "    loop = asyncio.get_running_loop()\n"
@@ -116,7 +115,7 @@ async def clock_probe(skew: int) -> dict[str, float]:
               "    await asyncio.sleep(0.5)\n"
               "    print(json.dumps([time.time() - wall, loop.time() - mono]))\n"
               "asyncio.run(main())\n")
-    proc = await asyncio.create_subprocess_exec(*prefix, sys.executable, "-c", script, env={**os.environ, **env},
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, env={**os.environ, **skewed_env(skew)},
                                                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     theirs = float(await proc.stdout.readline())
@@ -141,15 +140,14 @@ class PgqrProcess:
         """`pgqr run` as a child; clock_skew: its wall clock that many seconds off (faketime), PostgreSQL's
         and the simulator's untouched."""
         port = port or devdb.free_port()
-        prefix, faked = faketime_prefix(clock_skew)
         secret = secret or secrets.token_urlsafe(16)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PGQR_", "EVOLUTION_", "DATABASE_URL"))}
         env.update(DATABASE_URL=dsn, EVOLUTION_API_URL=evolution_url, PGQR_HTTP_PORT=str(port),
-                   PGQR_WEBHOOK_SECRET=secret, PGQR_CONCURRENCY=str(concurrency), **faked, **extra)
+                   PGQR_WEBHOOK_SECRET=secret, PGQR_CONCURRENCY=str(concurrency), **skewed_env(clock_skew), **extra)
         log = workdir / f"pgqr-run-{port}.log"
         with log.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(
-                *prefix, sys.executable, "-m", "pgqr", "run", "--log-format", "json", env=env,
+                sys.executable, "-m", "pgqr", "run", "--log-format", "json", env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT)
         child = cls(proc, port, secret, log)
         await child.wait_ready()

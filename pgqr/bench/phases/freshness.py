@@ -17,7 +17,7 @@ from ..harness import PgqrProcess, SimProcess, clock_probe
 
 async def check_skew(bench: Bench, section: str, pgqr: PgqrProcess, skew: int) -> None:
     """That the skewed child's clock is off by `skew` (its replies' Date headers), and that asyncio's timers
-    keep true time under faketime (a probe under the same prefix): else the row would measure nothing."""
+    keep true time under libfaketime (a probe under the same setting): else the row would measure nothing."""
     offset = await pgqr.clock_offset()
     probe = await clock_probe(skew)
     bench.report.raw[section + " clock"] = {"date_header_offset": offset, **probe}
